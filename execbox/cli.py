@@ -1,0 +1,189 @@
+"""The ``execbox`` command line: run code, build images, collect orphans."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ExecboxError, InvalidRequestError
+
+__all__ = ["main"]
+
+_EXTENSIONS = {".js": "javascript", ".mjs": "javascript", ".cjs": "javascript", ".py": "python", ".sh": "bash"}
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            # K alone: take the value from this shell, as `docker run -e K` does.
+            if name not in os.environ:
+                raise InvalidRequestError("env", f"{name!r} is not K=V and is not set in this shell")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import Executor
+
+    if args.code is not None and args.file is not None:
+        raise InvalidRequestError("code", "give either a FILE or -c CODE, not both")
+    if args.code is not None:
+        code = args.code
+    elif args.file == "-" or args.file is None:
+        if args.file is None and sys.stdin.isatty():
+            raise InvalidRequestError("code", "give a FILE, -c CODE, or code on stdin")
+        code = sys.stdin.read()
+    else:
+        path = Path(args.file)
+        try:
+            code = path.read_text()
+        except OSError as exc:
+            raise InvalidRequestError("file", f"cannot read {path}: {exc.strerror}") from None
+    language = args.language or _EXTENSIONS.get(Path(args.file or "").suffix.lower(), "javascript")
+    limits: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "memory": args.memory,
+            "cpus": args.cpus,
+            "pids": args.pids,
+            "output_bytes": args.output_bytes,
+            "disk": args.disk,
+        }.items()
+        if v is not None
+    }
+    stream = None
+    if not args.json:
+
+        def stream(name: str, chunk: bytes) -> None:
+            target = sys.stdout if name == "stdout" else sys.stderr
+            target.buffer.write(chunk)
+            target.flush()
+
+    with Executor(image=args.image) if args.image else Executor() as ex:
+        result = ex.execute(
+            code,
+            _parse_env(args.env),
+            language=language,
+            timeout=args.timeout,
+            limits=limits or None,
+            on_output=stream,
+        )
+    if args.json:
+        print(json.dumps(result.model_dump(), indent=2))
+    else:
+        notes = []
+        if result.timed_out:
+            notes.append("timed out")
+        if result.oom_killed:
+            notes.append("killed: out of memory")
+        if result.output_truncated:
+            notes.append("output truncated")
+        if notes:
+            print(f"execbox: {', '.join(notes)}", file=sys.stderr)
+    return result.exit_code
+
+
+def _engine() -> Any:
+    from .engine.docker import DockerEngine
+
+    return DockerEngine.from_env(timeout=600)
+
+
+def _cmd_images_build(args: argparse.Namespace) -> int:
+    from .images import build_images
+
+    engine = _engine()
+    engine.ping()
+    tag = build_images(engine.api, progress=lambda m: print(m, flush=True), force=args.force)
+    print(tag)
+    return 0
+
+
+def _cmd_images_ls(args: argparse.Namespace) -> int:
+    from .images import IMAGE_LABEL, default_image
+
+    engine = _engine()
+    current = default_image()
+    for img in engine.api.images(filters={"label": IMAGE_LABEL}):
+        for tag in img.get("RepoTags") or []:
+            mark = "  (default)" if tag == current else ""
+            print(f"{tag}  {img['Size'] / 1e6:.0f} MB{mark}")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from .reaper import sweep
+
+    removed = sweep(_engine(), everything=args.all)
+    for res in removed:
+        print(f"removed {res.kind} {res.id[:12]}")
+    print(f"{len(removed)} removed")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="execbox", description="Run untrusted code in fresh, locked-down containers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what execbox does (to stderr)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run code once in a new container")
+    run.add_argument("file", nargs="?", help="program file (language from its extension); - for stdin")
+    run.add_argument("-c", "--code", help="program text")
+    run.add_argument("-l", "--language", help="javascript, python or bash")
+    run.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
+    run.add_argument("-t", "--timeout", type=float, help="wall-clock limit in seconds (default 10)")
+    run.add_argument("-m", "--memory", help="memory limit, e.g. 128m (default 256m)")
+    run.add_argument("--cpus", type=float, help="CPU cores (default 1)")
+    run.add_argument("--pids", type=int, help="process limit (default 128)")
+    run.add_argument("--output-bytes", help="cap per output stream (default 1m)")
+    run.add_argument("--disk", help="size of /work and /tmp (default 64m)")
+    run.add_argument("--image", help="sandbox image (default: the locally built one)")
+    run.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    run.set_defaults(func=_cmd_run)
+
+    images = sub.add_parser("images", help="sandbox images")
+    isub = images.add_subparsers(dest="images_command", required=True)
+    build = isub.add_parser("build", help="build the sandbox images from Debian packages (cached by recipe hash)")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.set_defaults(func=_cmd_images_build)
+    ls = isub.add_parser("ls", help="list execbox images")
+    ls.set_defaults(func=_cmd_images_ls)
+
+    gc = sub.add_parser("gc", help="remove orphaned execbox containers, volumes and networks")
+    gc.add_argument("--all", action="store_true", help="remove every execbox resource, orphaned or not")
+    gc.set_defaults(func=_cmd_gc)
+    return p
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Unwind normally so that every `finally` removes what it created.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args))
+    except InvalidRequestError as exc:
+        print(f"execbox: invalid {exc.field}: {exc.message}", file=sys.stderr)
+        return 2
+    except ExecboxError as exc:
+        print(f"execbox: {exc}", file=sys.stderr)
+        return 125
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The small interface every container engine implements.
+
+Only modules in this package talk to a container engine. The executor builds a
+``SandboxSpec`` (engine-neutral: image, command, user, limits, labels) and drives
+a sandbox through create -> attach -> start -> (kill) -> remove.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+__all__ = ["Channel", "Engine", "ResourceInfo", "SandboxSpec", "SandboxState"]
+
+STDOUT = 1
+STDERR = 2
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to create one sandbox container."""
+
+    image: str
+    command: tuple[str, ...]
+    user: str
+    labels: dict[str, str]
+    memory_bytes: int
+    nano_cpus: int
+    pids: int
+    tmpfs: dict[str, str]
+    seccomp_json: str
+    nofile: int = 1024
+    nproc: int = 0
+    network_mode: str = "none"
+    read_only: bool = True
+    working_dir: str = "/work"
+    hostname: str = "sandbox"
+    shm_bytes: int = 16 << 20
+    env: dict[str, str] = field(default_factory=dict)  # never secrets: sandbox-wide constants only
+
+
+@dataclass(frozen=True)
+class SandboxState:
+    running: bool
+    exit_code: int | None
+    oom_killed: bool
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    """A container, volume or network carrying execbox labels."""
+
+    kind: str  # "container" | "volume" | "network"
+    id: str
+    labels: dict[str, str]
+
+
+class Channel(ABC):
+    """The sandbox's attached stdin/stdout/stderr."""
+
+    @abstractmethod
+    def send(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def recv(self, timeout: float) -> tuple[int, bytes] | None:
+        """Next chunk as (STDOUT|STDERR, bytes); None at end of stream.
+
+        Raises TimeoutError if nothing arrives within ``timeout`` seconds.
+        """
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Engine(ABC):
+    """A container engine (Docker first)."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise EngineUnavailableError unless the engine answers."""
+
+    @abstractmethod
+    def image_exists(self, image: str) -> bool: ...
+
+    @abstractmethod
+    def create(self, spec: SandboxSpec) -> str:
+        """Create (not start) a sandbox; return its id."""
+
+    @abstractmethod
+    def attach(self, sandbox_id: str) -> Channel:
+        """Attach to stdin/stdout/stderr; call before start so no output is lost."""
+
+    @abstractmethod
+    def start(self, sandbox_id: str) -> None: ...
+
+    @abstractmethod
+    def kill(self, sandbox_id: str) -> None:
+        """SIGKILL everything in the sandbox; no error if it already stopped."""
+
+    @abstractmethod
+    def wait(self, sandbox_id: str, timeout: float) -> SandboxState:
+        """Wait up to ``timeout`` s for the sandbox to stop; return its state either way."""
+
+    @abstractmethod
+    def state(self, sandbox_id: str) -> SandboxState: ...
+
+    @abstractmethod
+    def remove(self, sandbox_id: str) -> None:
+        """Force-remove a sandbox; no error if it is already gone."""
+
+    @abstractmethod
+    def list_resources(self, label: str) -> list[ResourceInfo]:
+        """Every container, volume and network carrying ``label``."""
+
+    @abstractmethod
+    def remove_resource(self, resource: ResourceInfo) -> None: ...
+
+    def close(self) -> None:
+        """Release the engine client."""

@@ -1,0 +1,218 @@
+"""Docker Engine implementation of ``Engine`` (the only module that imports ``docker``)."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig, Ulimit
+
+from ..exceptions import EngineError, EngineUnavailableError, ImageNotFoundError
+from .base import STDERR, STDOUT, Channel, Engine, ResourceInfo, SandboxSpec, SandboxState
+
+__all__ = ["DockerEngine"]
+
+log = logging.getLogger("execbox.engine.docker")
+_HEADER = struct.Struct(">BxxxI")
+
+
+@contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Map docker SDK / transport errors onto the execbox tree."""
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise ImageNotFoundError(f"{what}: {exc.explanation or exc}") from exc
+    except docker.errors.APIError as exc:
+        raise EngineError(f"{what}: {exc.explanation or exc}") from exc
+    except (requests.exceptions.ConnectionError, ConnectionError, FileNotFoundError) as exc:
+        raise EngineUnavailableError(f"{what}: the Docker Engine does not answer ({exc})") from exc
+    except docker.errors.DockerException as exc:
+        raise EngineError(f"{what}: {exc}") from exc
+
+
+class DockerChannel(Channel):
+    """A hijacked attach connection, demultiplexed (no TTY: 8-byte frame headers)."""
+
+    def __init__(self, sock: socket.socket, keepalive: Any) -> None:
+        self._sock = sock
+        self._keepalive = keepalive  # the SDK's SocketIO; closing it closes the connection
+        self._buf = bytearray()
+        self._eof = False
+
+    def send(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        ready, _, _ = select.select([self._sock], [], [], remaining)
+        if not ready:
+            raise TimeoutError
+        chunk = self._sock.recv(1 << 16)
+        if not chunk:
+            self._eof = True
+        self._buf += chunk
+
+    def recv(self, timeout: float) -> tuple[int, bytes] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self._buf) >= _HEADER.size:
+                stream, length = _HEADER.unpack_from(self._buf)
+                if len(self._buf) >= _HEADER.size + length:
+                    data = bytes(self._buf[_HEADER.size : _HEADER.size + length])
+                    del self._buf[: _HEADER.size + length]
+                    return (STDERR if stream == 2 else STDOUT), data
+            if self._eof:
+                return None
+            self._fill(deadline)
+
+    def close(self) -> None:
+        for closer in (self._sock.close, self._keepalive.close):
+            try:
+                closer()
+            except OSError:
+                pass
+
+
+class DockerEngine(Engine):
+    """Sandboxes as Docker containers, through the Docker Engine API."""
+
+    name = "docker"
+
+    def __init__(self, client: docker.APIClient) -> None:
+        self.api = client
+
+    @classmethod
+    def from_env(cls, timeout: float = 60) -> DockerEngine:
+        """Connect as the docker CLI would (DOCKER_HOST, or the local socket)."""
+        with _translate("connect"):
+            return cls(docker.from_env(timeout=int(timeout)).api)
+
+    def ping(self) -> None:
+        with _translate("ping"):
+            self.api.ping()
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            with _translate("inspect image"):
+                self.api.inspect_image(image)
+            return True
+        except ImageNotFoundError:
+            return False
+
+    def _host_config(self, spec: SandboxSpec) -> dict[str, Any]:
+        ulimits = [Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile), Ulimit(name="core", soft=0, hard=0)]
+        if spec.nproc:
+            ulimits.append(Ulimit(name="nproc", soft=spec.nproc, hard=spec.nproc))
+        return self.api.create_host_config(
+            network_mode=spec.network_mode,
+            read_only=spec.read_only,
+            tmpfs=spec.tmpfs,
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,
+            nano_cpus=spec.nano_cpus,
+            pids_limit=spec.pids,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges", f"seccomp={spec.seccomp_json}"],
+            init=True,
+            ulimits=ulimits,
+            shm_size=spec.shm_bytes,
+            ipc_mode="private",
+            log_config=LogConfig(type="none"),
+            auto_remove=False,
+        )
+
+    def create(self, spec: SandboxSpec) -> str:
+        with _translate("create sandbox"):
+            created = self.api.create_container(
+                image=spec.image,
+                command=list(spec.command),
+                user=spec.user,
+                labels=spec.labels,
+                environment=spec.env,
+                working_dir=spec.working_dir,
+                hostname=spec.hostname,
+                stdin_open=True,
+                tty=False,
+                network_disabled=spec.network_mode == "none",
+                host_config=self._host_config(spec),
+            )
+        return str(created["Id"])
+
+    def attach(self, sandbox_id: str) -> Channel:
+        with _translate("attach"):
+            io = self.api.attach_socket(sandbox_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        sock = getattr(io, "_sock", io)
+        return DockerChannel(sock, io)
+
+    def start(self, sandbox_id: str) -> None:
+        with _translate("start sandbox"):
+            self.api.start(sandbox_id)
+
+    def kill(self, sandbox_id: str) -> None:
+        try:
+            with _translate("kill sandbox"):
+                self.api.kill(sandbox_id)
+        except EngineError as exc:  # already stopped or gone: nothing to kill
+            log.debug("kill %s: %s", sandbox_id[:12], exc)
+
+    def wait(self, sandbox_id: str, timeout: float) -> SandboxState:
+        try:
+            with _translate("wait"):
+                self.api.wait(sandbox_id, timeout=max(timeout, 0.001))
+        except (EngineError, requests.exceptions.ReadTimeout):
+            pass
+        return self.state(sandbox_id)
+
+    def state(self, sandbox_id: str) -> SandboxState:
+        with _translate("inspect sandbox"):
+            st = self.api.inspect_container(sandbox_id)["State"]
+        return SandboxState(running=bool(st["Running"]), exit_code=st.get("ExitCode"), oom_killed=bool(st["OOMKilled"]))
+
+    def remove(self, sandbox_id: str) -> None:
+        try:
+            with _translate("remove sandbox"):
+                self.api.remove_container(sandbox_id, force=True, v=True)
+        except EngineError as exc:
+            if "No such container" in str(exc) or "is already in progress" in str(exc):
+                return
+            raise
+
+    def list_resources(self, label: str) -> list[ResourceInfo]:
+        out: list[ResourceInfo] = []
+        with _translate("list resources"):
+            for c in self.api.containers(all=True, filters={"label": label}):
+                out.append(ResourceInfo("container", c["Id"], c.get("Labels") or {}))
+            for v in self.api.volumes(filters={"label": label}).get("Volumes") or []:
+                out.append(ResourceInfo("volume", v["Name"], v.get("Labels") or {}))
+            for n in self.api.networks(filters={"label": label}):
+                out.append(ResourceInfo("network", n["Id"], n.get("Labels") or {}))
+        return out
+
+    def remove_resource(self, resource: ResourceInfo) -> None:
+        if resource.kind == "container":
+            self.remove(resource.id)
+            return
+        try:
+            with _translate(f"remove {resource.kind}"):
+                if resource.kind == "volume":
+                    self.api.remove_volume(resource.id, force=True)
+                else:
+                    self.api.remove_network(resource.id)
+        except EngineError as exc:
+            if "no such" not in str(exc).lower() and "not found" not in str(exc).lower():
+                raise
+
+    def close(self) -> None:
+        self.api.close()

@@ -1,0 +1,331 @@
+"""Ephemeral executions: one new container per run, removed afterwards whatever happens."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+
+from .config import ExecutorConfig
+from .engine.base import STDERR, Channel, Engine
+from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
+from .hardening import WORKDIR, sandbox_spec
+from .images import default_image
+from .labels import EXECUTION, labels_for
+from .models import ExecutionRequest, ExecutionResult, Limits
+from .protocol import FrameDecoder
+from .reaper import sweep
+from .runtimes import get_runtime
+
+__all__ = ["Executor", "OutputCallback"]
+
+log = logging.getLogger("execbox.executor")
+
+OutputCallback = Callable[[str, bytes], None]
+"""Called with ("stdout" | "stderr", chunk) as output arrives (within the caps)."""
+
+_AGENT_STDERR_CAP = 16 << 10
+
+
+class _UidAllocator:
+    """Hands out UIDs that no other live sandbox of this process uses.
+
+    Random within a large range, so that separate processes rarely collide either:
+    the kernel counts some budgets (processes, inotify instances) per UID.
+    """
+
+    def __init__(self, base: int, count: int) -> None:
+        self.base, self.count = base, count
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            while True:
+                uid = self.base + random.randrange(self.count)
+                if uid not in self._used:
+                    self._used.add(uid)
+                    return uid
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._used.discard(uid)
+
+
+class _Capture:
+    """Output of one stream, capped: the excess is counted, never stored."""
+
+    def __init__(self, name: str, cap: int, on_output: OutputCallback | None) -> None:
+        self.name, self.cap, self.on_output = name, cap, on_output
+        self.buf = bytearray()
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = self.cap - len(self.buf)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        if data:
+            self.buf += data
+            if self.on_output is not None:
+                self.on_output(self.name, data)
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", "replace")
+
+
+class Executor:
+    """Runs code in fresh, hardened, single-use containers.
+
+    >>> with Executor() as ex:
+    ...     r = ex.execute('console.log(process.env.KEY)', env={"KEY": "v"})
+    """
+
+    def __init__(self, engine: Engine | None = None, config: ExecutorConfig | None = None, **options: Any) -> None:
+        if config is None:
+            try:
+                config = ExecutorConfig(**options)
+            except pydantic.ValidationError as exc:
+                raise _invalid(exc, prefix="") from None
+        elif options:
+            config = config.model_copy(update=options)
+        if engine is None:
+            from .engine.docker import DockerEngine
+
+            engine = DockerEngine.from_env()
+        self.engine = engine
+        self.config = config
+        self.image = config.image or default_image()
+        self._uids = _UidAllocator(config.uid_base, config.uid_count)
+        self._live: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        if config.sweep_on_start:
+            sweep(engine)
+
+    # -- public API -------------------------------------------------------------------
+
+    def execute(
+        self,
+        code: str,
+        env: dict[str, str] | None = None,
+        *,
+        language: str = "javascript",
+        stdin: str | None = None,
+        files: dict[str, str] | None = None,
+        timeout: float | None = None,
+        limits: Limits | dict[str, Any] | None = None,
+        image: str | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecutionResult:
+        """Run ``code`` once in a new container and return what it produced."""
+        try:
+            request = ExecutionRequest(
+                code=code,
+                language=language,
+                env=env or {},
+                stdin=stdin,
+                files=files or {},
+                timeout=timeout,
+                limits=limits,
+                image=image,
+            )
+        except pydantic.ValidationError as exc:
+            raise _invalid(exc) from None
+        return self.run(request, on_output=on_output)
+
+    def run(self, request: ExecutionRequest, on_output: OutputCallback | None = None) -> ExecutionResult:
+        """Run a validated request (see ``execute``)."""
+        if self._closed:
+            raise InvalidRequestError("executor", "this executor is closed")
+        runtime = get_runtime(request.language)
+        limits = self.resolve_limits(request)
+        if len(request.code.encode()) > self.config.max_code_bytes:
+            raise InvalidRequestError("code", f"larger than {self.config.max_code_bytes} bytes")
+        exec_id = uuid.uuid4().hex[:16]
+        payload = {
+            "argv": list(runtime.argv),
+            "filename": runtime.filename,
+            "code": request.code,
+            "env": runtime.environment(request.env),
+            "stdin": base64.b64encode(request.stdin.encode()).decode() if request.stdin else None,
+            "files": {p: base64.b64encode(t.encode()).decode() for p, t in request.files.items()},
+            "workdir": WORKDIR,
+            "timeout": limits.timeout,
+            "output_bytes": limits.output_bytes,
+        }
+        uid = self._uids.acquire()
+        labels = labels_for("run", ttl=limits.timeout + 600, **{EXECUTION: exec_id})
+        spec = sandbox_spec(limits, request.image or self.image, uid, labels)
+        started = time.monotonic()
+        sid: str | None = None
+        chan: Channel | None = None
+        try:
+            try:
+                sid = self.engine.create(spec)
+            except ImageNotFoundError as exc:
+                raise ImageNotFoundError(f"{exc} (build it with `execbox images build`)") from exc
+            with self._lock:
+                self._live.add(sid)
+            chan = self.engine.attach(sid)
+            self.engine.start(sid)
+            chan.send(json.dumps(payload).encode() + b"\n")
+            result = self._collect(exec_id, sid, chan, limits, on_output, started)
+        finally:
+            if chan is not None:
+                chan.close()
+            if sid is not None:
+                self._dispose(sid)
+            self._uids.release(uid)
+        result.language = runtime.name
+        log.info(
+            "execution %s finished",
+            exec_id,
+            extra={
+                "execution_id": exec_id,
+                "language": runtime.name,
+                "exit_code": result.exit_code,
+                "timed_out": result.timed_out,
+                "oom_killed": result.oom_killed,
+                "duration_ms": result.duration_ms,
+            },
+        )
+        return result
+
+    def resolve_limits(self, request: ExecutionRequest) -> Limits:
+        """The request's limits over the defaults, checked against the maximum."""
+        limits = self.config.default_limits.merged(request.limits)
+        if request.timeout is not None:
+            limits = limits.model_copy(update={"timeout": request.timeout})
+        for name in limits.exceeding(self.config.max_limits):
+            field = "timeout" if name == "timeout" and request.timeout is not None else f"limits.{name}"
+            raise InvalidRequestError(
+                field, f"{getattr(limits, name)} exceeds the maximum {getattr(self.config.max_limits, name)}"
+            )
+        return limits
+
+    def close(self) -> None:
+        """Remove every container this executor still holds."""
+        self._closed = True
+        with self._lock:
+            live = list(self._live)
+        for sid in live:
+            self._dispose(sid)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _dispose(self, sid: str) -> None:
+        try:
+            self.engine.remove(sid)
+        except Exception:
+            # The label and expiry let the reaper collect it; never mask the run's outcome.
+            log.warning("could not remove sandbox %s; the reaper will", sid[:12], exc_info=True)
+        with self._lock:
+            self._live.discard(sid)
+
+    def _collect(
+        self,
+        exec_id: str,
+        sid: str,
+        chan: Channel,
+        limits: Limits,
+        on_output: OutputCallback | None,
+        started: float,
+    ) -> ExecutionResult:
+        out = _Capture("stdout", limits.output_bytes, on_output)
+        err = _Capture("stderr", limits.output_bytes, on_output)
+        agent_stderr = bytearray()
+        decoder = FrameDecoder(max_frame=max(limits.output_bytes, 1 << 16) + (1 << 16))
+        meta: dict[str, Any] | None = None
+        agent_error: str | None = None
+        killed_by_host = False
+        deadline = time.monotonic() + limits.timeout + self.config.kill_grace
+        try:
+            while meta is None and agent_error is None:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    item = chan.recv(remaining)
+                except TimeoutError:
+                    # The agent did not enforce the limit (wedged or subverted): the host does.
+                    self.engine.kill(sid)
+                    killed_by_host = True
+                    break
+                if item is None:
+                    break
+                stream, data = item
+                if stream == STDERR:
+                    agent_stderr += data[: max(_AGENT_STDERR_CAP - len(agent_stderr), 0)]
+                    continue
+                for kind, body in decoder.feed(data):
+                    if kind == b"O":
+                        out.add(body)
+                    elif kind == b"E":
+                        err.add(body)
+                    elif kind == b"R":
+                        meta = json.loads(body)
+                        break
+                    else:
+                        agent_error = body.decode("utf-8", "replace")
+                        break
+        except (SandboxError, ValueError) as exc:
+            self.engine.kill(sid)
+            raise SandboxError(f"execution {exec_id}: {exc}") from exc
+
+        oom = False
+        if meta is not None:
+            exit_code = int(meta["exit_code"])
+            signal = meta.get("signal")
+            timed_out = bool(meta.get("timed_out"))
+            if signal == 9 and not timed_out:
+                oom = bool(meta.get("oom_kills")) or self.engine.wait(sid, 2.0).oom_killed
+        elif killed_by_host:
+            exit_code, signal, timed_out = 137, 9, True
+        elif agent_error is not None:
+            raise SandboxError(f"execution {exec_id}: agent failed: {agent_error}")
+        else:
+            state = self.engine.wait(sid, 2.0)
+            if not state.oom_killed:
+                detail = agent_stderr.decode("utf-8", "replace").strip()[-500:]
+                raise SandboxError(
+                    f"execution {exec_id}: sandbox ended without a result (exit {state.exit_code}) {detail}"
+                )
+            exit_code, signal, timed_out, oom = 137, 9, False, True
+        return ExecutionResult(
+            id=exec_id,
+            language="",
+            stdout=out.text(),
+            stderr=err.text(),
+            exit_code=exit_code,
+            signal=signal,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            run_ms=meta.get("duration_ms") if meta else None,
+            timed_out=timed_out,
+            oom_killed=oom,
+            output_truncated=out.truncated
+            or err.truncated
+            or bool(meta and (meta.get("stdout_truncated") or meta.get("stderr_truncated"))),
+            sandbox_id=sid,
+        )
+
+
+def _invalid(exc: pydantic.ValidationError, prefix: str = "") -> InvalidRequestError:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return InvalidRequestError(prefix + field, msg)

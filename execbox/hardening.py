@@ -1,0 +1,54 @@
+"""Secure defaults in one place: ``Limits`` -> an engine-neutral ``SandboxSpec``.
+
+Every sandbox gets: no network, a read-only root, a non-root UID unique among
+live sandboxes, all capabilities dropped, no-new-privileges, the seccomp
+allowlist of ``execbox.seccomp``, an init process, memory = memory+swap, CPU and
+pids limits, size- and inode-capped tmpfs for /work and /tmp, no log driver,
+and no host path or Docker socket mounted. Weakening any of it is not possible
+through ``Limits``; later opt-ins (egress) change only the network.
+"""
+
+from __future__ import annotations
+
+from .engine.base import SandboxSpec
+from .images import SANDBOX_DIR
+from .models import Limits
+from .seccomp import profile_json
+
+__all__ = ["AGENT_COMMAND", "WORKDIR", "sandbox_spec"]
+
+WORKDIR = "/work"
+AGENT_COMMAND = ("python3", "-I", "-S", f"{SANDBOX_DIR}/agent.py")
+
+
+def _tmpfs(size: int, inodes: int, uid: int, mode: str) -> str:
+    return f"rw,nosuid,nodev,size={size},nr_inodes={inodes},mode={mode},uid={uid},gid={uid}"
+
+
+def sandbox_spec(
+    limits: Limits,
+    image: str,
+    uid: int,
+    labels: dict[str, str],
+    network_mode: str = "none",
+) -> SandboxSpec:
+    """The create options of one sandbox under ``limits``, running as ``uid``."""
+    return SandboxSpec(
+        image=image,
+        command=AGENT_COMMAND,
+        user=f"{uid}:{uid}",
+        labels=labels,
+        memory_bytes=limits.memory,
+        nano_cpus=int(limits.cpus * 1e9),
+        pids=limits.pids,
+        # RLIMIT_NPROC counts per UID system-wide; the UID is unique, so this is per sandbox.
+        nproc=limits.pids,
+        tmpfs={
+            WORKDIR: _tmpfs(limits.disk, limits.inodes, uid, "0700"),
+            "/tmp": _tmpfs(limits.disk, limits.inodes, uid, "1777"),
+        },
+        shm_bytes=min(limits.disk, 64 << 20),
+        seccomp_json=profile_json(),
+        network_mode=network_mode,
+        working_dir=WORKDIR,
+    )

@@ -1,0 +1,127 @@
+"""Pydantic models shared by the library, the service and the client."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+__all__ = ["ExecutionRequest", "ExecutionResult", "Limits", "parse_size"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_size(value: Any) -> int:
+    """Turn ``"256m"``, ``"1GiB"``, ``"64k"`` or an int into a byte count (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string such as '256m'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(f"invalid size {value!r}: use bytes or a string such as '256m', '1g'")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class Limits(BaseModel):
+    """Resource limits of one run. Every field has a safe default; sizes accept '256m'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout: float = Field(10.0, gt=0, description="Wall-clock limit in seconds; the code is killed after it.")
+    memory: Size = Field(256 << 20, ge=16 << 20, description="Memory limit in bytes (swap is the same: none extra).")
+    cpus: float = Field(1.0, gt=0, description="CPU cores the run may use.")
+    pids: int = Field(128, ge=8, description="Maximum number of processes and threads.")
+    output_bytes: Size = Field(1 << 20, ge=1, description="Cap per output stream; the excess is dropped.")
+    disk: Size = Field(64 << 20, ge=1 << 20, description="Size of each writable tmpfs (/work and /tmp).")
+    inodes: int = Field(16384, ge=64, description="Inode cap of each writable tmpfs.")
+
+    def merged(self, overrides: Limits | dict[str, Any] | None) -> Limits:
+        """These limits with the fields set in ``overrides`` replaced."""
+        if overrides is None:
+            return self
+        if isinstance(overrides, dict):
+            overrides = Limits.model_validate(overrides)
+        return self.model_copy(update={k: getattr(overrides, k) for k in overrides.model_fields_set})
+
+    def exceeding(self, maximum: Limits) -> list[str]:
+        """Names of the fields above ``maximum``."""
+        return [name for name in Limits.model_fields if getattr(self, name) > getattr(maximum, name)]
+
+
+DEFAULT_MAX_LIMITS = Limits(
+    timeout=300, memory=4 << 30, cpus=4.0, pids=1024, output_bytes=64 << 20, disk=1 << 30, inodes=1 << 20
+)
+
+
+class ExecutionRequest(BaseModel):
+    """One execution: the code, its language, and what it receives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(min_length=1, description="Program source text.")
+    language: str = Field("javascript", description="javascript, python or bash (aliases: js, node, py, sh).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for this run only (credentials go here)."
+    )
+    stdin: str | None = Field(None, description="Text given to the program on standard input.")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="Extra text files written into the working directory before the run."
+    )
+    timeout: float | None = Field(None, gt=0, description="Wall-clock limit in seconds (overrides limits.timeout).")
+    limits: Limits | None = Field(None, description="Per-run limits; unset fields take the executor's defaults.")
+    image: str | None = Field(None, description="Sandbox image; the executor's default when unset.")
+
+    @field_validator("code")
+    @classmethod
+    def _code_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("code is empty")
+        if "\0" in v:
+            raise ValueError("code contains a NUL byte")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f"invalid environment variable name {name!r}: use letters, digits and _")
+            if "\0" in value:
+                raise ValueError(f"environment variable {name} contains a NUL byte")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _file_paths(cls, v: dict[str, str]) -> dict[str, str]:
+        for path in v:
+            parts = path.split("/")
+            if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+                raise ValueError(f"invalid file path {path!r}: use a relative path without '..'")
+        return v
+
+
+class ExecutionResult(BaseModel):
+    """What one execution produced. Timeouts and OOM kills are fields, not exceptions."""
+
+    id: str = Field(description="Execution id (also in execbox's logs).")
+    language: str
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int = Field(description="The program's exit code; 128+N when killed by signal N.")
+    signal: int | None = Field(None, description="Signal that ended the program, if any.")
+    duration_ms: float = Field(description="Wall-clock time of the whole execution, as the caller saw it.")
+    run_ms: float | None = Field(None, description="Time the program itself ran, measured in the sandbox.")
+    timed_out: bool = False
+    oom_killed: bool = False
+    output_truncated: bool = Field(False, description="Some output beyond limits.output_bytes was dropped.")
+    sandbox_id: str = Field("", description="Id of the container that ran the code (used once, then removed).")

@@ -1,0 +1,38 @@
+"""Host side of the agent protocol (see ``execbox/sandbox/agent.py`` for the other side)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from .exceptions import SandboxError
+
+__all__ = ["FrameDecoder", "KINDS"]
+
+_HEAD = struct.Struct(">cI")
+KINDS = {b"O", b"E", b"R", b"X"}
+
+
+class FrameDecoder:
+    """Incremental decoder: feed raw stdout bytes, get whole (kind, payload) frames.
+
+    The agent runs inside the sandbox and is not trusted: unknown kinds and frames
+    longer than ``max_frame`` are protocol errors, so nothing is buffered unboundedly.
+    """
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[bytes, bytes]]:
+        self._buf += data
+        while len(self._buf) >= _HEAD.size:
+            kind, length = _HEAD.unpack_from(self._buf)
+            if kind not in KINDS or length > self.max_frame:
+                raise SandboxError(f"sandbox broke the protocol (frame {kind!r}, {length} bytes)")
+            end = _HEAD.size + length
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[_HEAD.size : end])
+            del self._buf[:end]
+            yield kind, payload

@@ -1,0 +1,246 @@
+"""execbox in-sandbox agent (standard library only; runs as the container's main process).
+
+It serves exactly one execution and exits:
+
+1. reads one request, a JSON object on a single line, from stdin (the attached stream);
+2. writes the request's files and the program into the working directory;
+3. runs the program as a fresh process in its own session, with exactly the
+   environment the request carries (the agent's own environment never reaches it);
+4. forwards the program's stdout/stderr as frames on its own stdout, up to a byte
+   cap per stream, and kills the program's whole session when it exits or when
+   the time limit passes;
+5. writes a final result frame and exits with the program's exit code.
+
+Frames: one type byte, a big-endian uint32 length, then the payload.
+``O`` stdout bytes, ``E`` stderr bytes, ``R`` result (JSON), ``X`` agent error (UTF-8).
+
+The agent is not trusted by the host: the host enforces its own time limit and
+byte caps, and only the program's own run can be misreported by a program that
+subverts its agent.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import os
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+READ_CHUNK = 65536
+PR_SET_DUMPABLE = 4
+
+
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    return kind + struct.pack(">I", len(payload)) + payload
+
+
+class Out:
+    """Writes frames to fd 1 (blocking: the host's reading speed is the backpressure)."""
+
+    def __init__(self) -> None:
+        self.fd = 1
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        view = memoryview(_frame(kind, payload))
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+
+def _make_undumpable() -> None:
+    # Same-UID code could otherwise open /proc/1/fd/* or read our memory.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _oom_kills() -> int:
+    for path, key in (
+        ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"),
+        ("/sys/fs/cgroup/memory.events", "oom_kill"),
+    ):
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    name, _, value = line.partition(" ")
+                    if name == key:
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def _child_setup() -> None:
+    # Make the program, not the agent, the OOM killer's first choice.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("1000")
+    except OSError:
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def _safe_path(workdir: str, rel: str) -> str:
+    if not rel or rel.startswith("/") or "\0" in rel:
+        raise ValueError(f"bad file path {rel!r}")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad file path {rel!r}")
+    return os.path.join(workdir, *parts)
+
+
+def _write_files(workdir: str, req: dict) -> None:
+    for rel, b64 in (req.get("files") or {}).items():
+        path = _safe_path(workdir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(base64.b64decode(b64))
+    path = _safe_path(workdir, req["filename"])
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(req["code"])
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(req: dict, out: Out) -> int:
+    workdir = req.get("workdir") or "/work"
+    os.makedirs(workdir, exist_ok=True)
+    _write_files(workdir, req)
+    cap = int(req.get("output_bytes", 1 << 20))
+    timeout = float(req.get("timeout", 10.0))
+    stdin_data = base64.b64decode(req["stdin"]) if req.get("stdin") else b""
+
+    oom_before = _oom_kills()
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        req["argv"],
+        cwd=workdir,
+        env=req.get("env") or {},
+        stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_child_setup,
+        close_fds=True,
+    )
+    deadline = started + timeout
+    sel = selectors.DefaultSelector()
+    kinds = {}
+    sent = {b"O": 0, b"E": 0}
+    truncated = {b"O": False, b"E": False}
+    for pipe, kind in ((proc.stdout, b"O"), (proc.stderr, b"E")):
+        assert pipe is not None
+        os.set_blocking(pipe.fileno(), False)
+        sel.register(pipe.fileno(), selectors.EVENT_READ, kind)
+        kinds[pipe.fileno()] = kind
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ, b"P")
+    stdin_view = memoryview(stdin_data)
+    if proc.stdin is not None:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, b"I")
+
+    def forward(fd: int) -> bool:
+        """Read once from fd; False on EOF or nothing available."""
+        kind = kinds[fd]
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        if not data:
+            sel.unregister(fd)
+            del kinds[fd]
+            return False
+        room = cap - sent[kind]
+        if len(data) > room:
+            truncated[kind] = True
+            data = data[: max(room, 0)]
+        if data:
+            sent[kind] += len(data)
+            out.send(kind, data)
+        return True
+
+    timed_out = False
+    exited = False
+    while not exited:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(remaining):
+            tag = key.data
+            if tag == b"P":
+                exited = True
+            elif tag == b"I":
+                assert proc.stdin is not None
+                try:
+                    n = os.write(proc.stdin.fileno(), stdin_view[:READ_CHUNK])
+                    stdin_view = stdin_view[n:]
+                except BlockingIOError:
+                    n = 0
+                except BrokenPipeError:
+                    stdin_view = stdin_view[:0]
+                if not stdin_view:
+                    sel.unregister(proc.stdin.fileno())
+                    proc.stdin.close()
+            elif key.fd in kinds:
+                forward(key.fd)
+    # End the program's whole session first (background children included, as a
+    # container's end would), then drain what was already written: bounded by
+    # what is buffered, never by background processes holding the pipes open.
+    _kill_session(proc.pid)
+    for fd in list(kinds):
+        for _ in range(1024):
+            if fd not in kinds or not forward(fd):
+                break
+    status = proc.wait()
+    duration = time.monotonic() - started
+    os.close(pidfd)
+    signum = -status if status < 0 else None
+    exit_code = 128 + signum if signum else status
+    result = {
+        "exit_code": exit_code,
+        "signal": signum,
+        "timed_out": timed_out,
+        "stdout_truncated": truncated[b"O"],
+        "stderr_truncated": truncated[b"E"],
+        "duration_ms": round(duration * 1000, 3),
+        "oom_kills": max(_oom_kills() - oom_before, 0),
+    }
+    out.send(b"R", json.dumps(result).encode())
+    return exit_code
+
+
+def main() -> int:
+    _make_undumpable()
+    out = Out()
+    try:
+        line = sys.stdin.buffer.readline(MAX_REQUEST_BYTES)
+        if not line:
+            return 125
+        req = json.loads(line)
+        return run(req, out)
+    except Exception as exc:  # report, never hang the host
+        try:
+            out.send(b"X", f"{type(exc).__name__}: {exc}".encode("utf-8", "replace"))
+        except OSError:
+            pass
+        return 125
+
+
+if __name__ == "__main__":
+    sys.exit(main())
