@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up execbox on a Debian machine, idempotently: Docker Engine (started if none
+# answers), debootstrap, Redis, the .venv with execbox installed, the sandbox images.
+# Fast when already done. Run as root (apt, dockerd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_pkgs=()
+command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
+[ -x /usr/bin/docker ] || need_pkgs+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]} with apt"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# The Debian client matches the engine; a newer client elsewhere on PATH is not needed.
+DOCKER=/usr/bin/docker
+if ! "$DOCKER" info >/dev/null 2>&1; then
+  log "starting dockerd (log: /var/log/execbox-dockerd.log)"
+  setsid nohup dockerd >/var/log/execbox-dockerd.log 2>&1 < /dev/null &
+  for _ in $(seq 1 120); do
+    "$DOCKER" info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  "$DOCKER" info >/dev/null 2>&1 || { tail -20 /var/log/execbox-dockerd.log >&2; log "dockerd did not start"; exit 1; }
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.execbox-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing execbox into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  touch "$stamp"
+fi
+
+log "building sandbox images (cached by recipe hash)"
+.venv/bin/execbox images build >/tmp/execbox-images-build.log 2>&1 || { tail -30 /tmp/execbox-images-build.log >&2; exit 1; }
+tail -1 /tmp/execbox-images-build.log >&2

@@ -1,0 +1,60 @@
+"""Shared fixtures. Docker tests run against the real Docker Engine; with
+EXECBOX_REQUIRE_DOCKER=1 (set by scripts/test.sh, hence CI) a missing engine or
+image is a failure, never a skip."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from execbox import Executor
+from execbox.engine.base import Engine
+from execbox.labels import MANAGED_FILTER, OWNER, owner_id
+
+REQUIRE_DOCKER = os.environ.get("EXECBOX_REQUIRE_DOCKER") == "1"
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_DOCKER:
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    from execbox.engine.docker import DockerEngine
+    from execbox.exceptions import ExecboxError
+    from execbox.images import default_image
+
+    try:
+        eng = DockerEngine.from_env()
+        eng.ping()
+    except ExecboxError as exc:
+        _unavailable(f"Docker Engine not available: {exc}")
+    if not eng.image_exists(default_image()):
+        _unavailable(f"sandbox image {default_image()} not built (execbox images build)")
+    yield eng
+    eng.close()
+
+
+def ours(engine: Engine) -> list[str]:
+    """Containers created by this test process that still exist."""
+    return [
+        r.id
+        for r in engine.list_resources(MANAGED_FILTER)
+        if r.kind == "container" and r.labels.get(OWNER) == owner_id()
+    ]
+
+
+@pytest.fixture
+def executor(engine: Engine) -> Iterator[Executor]:
+    """An executor; after the test, nothing it created may remain (and anything left is removed)."""
+    ex = Executor(engine=engine)
+    yield ex
+    ex.close()
+    left = ours(engine)
+    for cid in left:
+        engine.remove(cid)
+    assert not left, f"test leaked {len(left)} containers"
