@@ -135,7 +135,7 @@ class Executor:
                 stdin=stdin,
                 files=files or {},
                 timeout=timeout,
-                limits=limits,
+                limits=Limits.model_validate(limits) if isinstance(limits, dict) else limits,
                 image=image,
             )
         except pydantic.ValidationError as exc:

@@ -109,11 +109,15 @@ def test_seed_file_written_to_tmp_does_not_persist(executor: Executor, language:
 @pytest.mark.parametrize("language", ["python", "javascript"])
 def test_seed_global_variable_does_not_persist(executor: Executor, language: str) -> None:
     if language == "python":
-        set_, get = "import builtins; builtins.counter = 1; print('Counter:', builtins.counter)", (
-            "import builtins; print('Counter:', getattr(builtins, 'counter', 'undefined'))"
+        set_, get = (
+            "import builtins; builtins.counter = 1; print('Counter:', builtins.counter)",
+            ("import builtins; print('Counter:', getattr(builtins, 'counter', 'undefined'))"),
         )
     else:
-        set_, get = "global.counter = 1; console.log('Counter:', global.counter)", "console.log('Counter:', global.counter)"
+        set_, get = (
+            "global.counter = 1; console.log('Counter:', global.counter)",
+            "console.log('Counter:', global.counter)",
+        )
     assert executor.execute(set_, language=language).stdout == "Counter: 1\n"
     assert executor.execute(get, language=language).stdout == "Counter: undefined\n"
 

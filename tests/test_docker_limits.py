@@ -94,7 +94,8 @@ except OSError as e:
 
 def test_root_filesystem_is_read_only_and_user_is_not_root(executor: Executor) -> None:
     r = executor.execute(
-        "id -u; touch /usr/x 2>&1; touch /etc/x 2>&1; touch /x 2>&1; grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status",
+        "id -u; touch /usr/x 2>&1; touch /etc/x 2>&1; touch /x 2>&1;"
+        " grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status",
         language="bash",
     )
     lines = r.stdout.splitlines()
@@ -181,9 +182,7 @@ time.sleep(4)
     t = threading.Thread(target=run_hog)
     t.start()
     assert started.wait(30)
-    other = executor.execute(
-        "import ctypes; print(ctypes.CDLL(None).inotify_init() >= 0)", language="python"
-    )
+    other = executor.execute("import ctypes; print(ctypes.CDLL(None).inotify_init() >= 0)", language="python")
     t.join()
     assert other.stdout == "True\n"
     hog_out = results["hog"].stdout  # type: ignore[attr-defined]

@@ -117,5 +117,5 @@ class Engine(ABC):
     @abstractmethod
     def remove_resource(self, resource: ResourceInfo) -> None: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the engine client."""

@@ -115,7 +115,7 @@ class DockerEngine(Engine):
         ulimits = [Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile), Ulimit(name="core", soft=0, hard=0)]
         if spec.nproc:
             ulimits.append(Ulimit(name="nproc", soft=spec.nproc, hard=spec.nproc))
-        return self.api.create_host_config(
+        host_config: dict[str, Any] = self.api.create_host_config(
             network_mode=spec.network_mode,
             read_only=spec.read_only,
             tmpfs=spec.tmpfs,
@@ -132,6 +132,7 @@ class DockerEngine(Engine):
             log_config=LogConfig(type="none"),
             auto_remove=False,
         )
+        return host_config
 
     def create(self, spec: SandboxSpec) -> str:
         with _translate("create sandbox"):

@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Any
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 65536
@@ -98,7 +99,7 @@ def _safe_path(workdir: str, rel: str) -> str:
     return os.path.join(workdir, *parts)
 
 
-def _write_files(workdir: str, req: dict) -> None:
+def _write_files(workdir: str, req: dict[str, Any]) -> None:
     for rel, b64 in (req.get("files") or {}).items():
         path = _safe_path(workdir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -116,7 +117,7 @@ def _kill_session(pid: int) -> None:
         pass
 
 
-def run(req: dict, out: Out) -> int:
+def run(req: dict[str, Any], out: Out) -> int:
     workdir = req.get("workdir") or "/work"
     os.makedirs(workdir, exist_ok=True)
     _write_files(workdir, req)
