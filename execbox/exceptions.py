@@ -8,7 +8,19 @@
     ├── EngineError             the container engine failed or refused
     │   ├── EngineUnavailableError   no engine answers (dockerd down, bad DOCKER_HOST)
     │   └── ImageNotFoundError       the sandbox image is not built / not present
-    └── SandboxError            a sandbox broke the protocol or died before reporting
+    ├── SandboxError            a sandbox broke the protocol or died before reporting
+    └── ServiceError            the execbox HTTP service failed or could not be reached
+        ├── AuthenticationError      401: missing or unknown API key
+        ├── PermissionDeniedError    403: the tenant may not use this language/image
+        ├── NotFoundError            404: no such execution (or another tenant's)
+        ├── QuotaExceededError       429: the tenant's rate or concurrency quota; ``retry_after``
+        ├── ServerBusyError          503: the service's queue is full; ``retry_after``
+        └── WaitTimeoutError         an async execution did not finish within ``wait(timeout=)``
+
+The client (``execbox.Client``) raises the same classes as the library for the
+same causes (``InvalidRequestError`` for a 413/422 naming the field,
+``EngineUnavailableError``, ``ImageNotFoundError``, ``SandboxError``), and a
+``ServiceError`` subclass for what only a service can answer.
 
 A timeout or an out-of-memory kill of the user's code is not an exception: it is
 reported on the result (``timed_out``, ``oom_killed``). Errors of the docker SDK
@@ -18,13 +30,20 @@ never reach callers; they are translated at the engine boundary with ``from``.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ConfigurationError",
     "EngineError",
     "EngineUnavailableError",
     "ExecboxError",
     "ImageNotFoundError",
     "InvalidRequestError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
     "SandboxError",
+    "ServerBusyError",
+    "ServiceError",
+    "WaitTimeoutError",
 ]
 
 
@@ -59,3 +78,46 @@ class ImageNotFoundError(EngineError):
 
 class SandboxError(ExecboxError):
     """The sandbox did not follow the agent protocol (crashed, garbled, silent)."""
+
+
+class ServiceError(ExecboxError):
+    """The execbox HTTP service answered with an error, or could not be reached.
+
+    ``status_code`` is the HTTP status (None when no answer arrived).
+    """
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class AuthenticationError(ServiceError):
+    """The API key is missing or unknown (HTTP 401)."""
+
+
+class PermissionDeniedError(ServiceError):
+    """The tenant may not do this, e.g. use this language or image (HTTP 403)."""
+
+
+class NotFoundError(ServiceError):
+    """No such resource for this tenant (HTTP 404)."""
+
+
+class QuotaExceededError(ServiceError):
+    """The tenant's rate or concurrency quota is used up (HTTP 429); retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, status_code: int | None = 429, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status_code)
+
+
+class ServerBusyError(ServiceError):
+    """The service's execution queue is full (HTTP 503); retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, status_code: int | None = 503, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status_code)
+
+
+class WaitTimeoutError(ServiceError, TimeoutError):
+    """An asynchronous execution was not finished when ``wait()`` gave up."""

@@ -128,15 +128,17 @@ class Executor:
     ) -> ExecutionResult:
         """Run ``code`` once in a new container and return what it produced."""
         try:
-            request = ExecutionRequest(
-                code=code,
-                language=language,
-                env=env or {},
-                stdin=stdin,
-                files=files or {},
-                timeout=timeout,
-                limits=Limits.model_validate(limits) if isinstance(limits, dict) else limits,
-                image=image,
+            request = ExecutionRequest.model_validate(
+                {
+                    "code": code,
+                    "language": language,
+                    "env": env or {},
+                    "stdin": stdin,
+                    "files": files or {},
+                    "timeout": timeout,
+                    "limits": limits,
+                    "image": image,
+                }
             )
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
