@@ -1,14 +1,22 @@
 """execbox: run untrusted JavaScript, Python and shell code in fresh, locked-down containers."""
 
+from .client import AsyncClient, Client
 from .config import ExecutorConfig
 from .exceptions import (
+    AuthenticationError,
     ConfigurationError,
     EngineError,
     EngineUnavailableError,
     ExecboxError,
     ImageNotFoundError,
     InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
     SandboxError,
+    ServerBusyError,
+    ServiceError,
+    WaitTimeoutError,
 )
 from .executor import Executor
 from .models import ExecutionRequest, ExecutionResult, Limits
@@ -18,6 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RUNTIMES",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
     "ConfigurationError",
     "EngineError",
     "EngineUnavailableError",
@@ -29,7 +40,13 @@ __all__ = [
     "ImageNotFoundError",
     "InvalidRequestError",
     "Limits",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
     "Runtime",
     "SandboxError",
+    "ServerBusyError",
+    "ServiceError",
+    "WaitTimeoutError",
     "__version__",
 ]

@@ -1,0 +1,163 @@
+"""The app factory, and ``serve()`` that runs it under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .. import __version__
+from ..config import ExecutorConfig
+from ..exceptions import ConfigurationError
+from ..executor import Executor
+from ..models import DEFAULT_MAX_LIMITS
+from ..settings import Settings
+from .auth import Authenticator
+from .errors import install_error_handlers
+from .logging import configure_logging
+from .metrics import Metrics
+from .middleware import Guard
+from .routes import execute, executions, health
+from .service import ExecutionService
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger("execbox.server")
+
+NO_AUTH_WARNING = (
+    "execbox is serving WITHOUT AUTHENTICATION (--no-auth): anyone who can connect may run code. "
+    "Use it on loopback for local work only."
+)
+
+DESCRIPTION = """Runs untrusted JavaScript, Python and bash in fresh, locked-down containers.
+
+Authenticate with `Authorization: Bearer <API key>`. Errors are JSON objects
+`{"error": {"type", "message", "field", "retry_after"}}`; 429 and 503 carry `Retry-After`.
+"""
+
+# Fields of the library's models that carry no description of their own (see the report: they belong in models.py).
+_EXTRA_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "ExecutionResult": {
+        "language": "The language the code ran as (canonical name).",
+        "stdout": "Standard output of the program, up to limits.output_bytes.",
+        "stderr": "Standard error of the program, up to limits.output_bytes.",
+        "timed_out": "The program was killed because it ran past its timeout.",
+        "oom_killed": "The program was killed because it ran out of memory.",
+    },
+    "Submitted": {},
+    "HTTPValidationError": {"detail": "Validation errors."},
+    "ValidationError": {
+        "loc": "Location of the error.",
+        "msg": "Message.",
+        "type": "Error type.",
+        "input": "The offending input.",
+        "ctx": "Context of the error.",
+    },
+}
+_SIZE_FIELDS = ("memory", "output_bytes", "disk")
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes, tags=app.openapi_tags
+        )
+        for name, component in schema.get("components", {}).get("schemas", {}).items():
+            base = name.removesuffix("-Input").removesuffix("-Output")
+            for prop, spec in component.get("properties", {}).items():
+                if "description" not in spec:
+                    spec["description"] = _EXTRA_DESCRIPTIONS.get(base, {}).get(prop) or spec.get("title", prop)
+                if base in ("Limits",) and prop in _SIZE_FIELDS:
+                    # Sizes also accept strings such as "256m" (binary units).
+                    spec["anyOf"] = [
+                        {"type": "integer", "minimum": spec.pop("minimum", 0)},
+                        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[kmgtKMGT]?(i?[bB])?\s*$"},
+                    ]
+                    spec.pop("type", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings | None = None, executor: Executor | None = None) -> FastAPI:
+    """The ASGI app. Without ``executor``, one is created at start-up and closed at shutdown.
+
+    ``settings`` defaults to ``Settings()``, i.e. the ``EXECBOX_*`` environment.
+    """
+    settings = settings if settings is not None else Settings()
+    max_limits = executor.config.max_limits if executor is not None else DEFAULT_MAX_LIMITS
+    auth = Authenticator.build(max_limits, settings.tenants_file, settings.api_keys, settings.no_auth)
+    metrics = Metrics()
+    service = ExecutionService(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.no_auth:
+            log.warning(NO_AUTH_WARNING)
+        own = executor is None
+        if own:
+            config = ExecutorConfig(image=settings.image, max_code_bytes=settings.max_code_bytes)
+            service.executor = await anyio.to_thread.run_sync(lambda: Executor(config=config))
+        else:
+            service.executor = executor
+        log.info("execbox service ready", extra={"in_flight": 0})
+        try:
+            yield
+        finally:
+            await service.shutdown(settings.shutdown_grace)
+            if own and service.executor is not None:
+                await anyio.to_thread.run_sync(service.executor.close)
+            log.info("execbox service stopped")
+
+    app = FastAPI(title="execbox", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    install_error_handlers(app, metrics.rejected)
+    app.include_router(execute.router)
+    app.include_router(executions.router)
+    app.include_router(health.router)
+    app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: Settings) -> int:
+    """Run the service under uvicorn until SIGTERM/SIGINT; 0 after a clean shutdown."""
+    import uvicorn
+
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.no_auth:
+        if not _loopback(settings.host):
+            raise ConfigurationError(f"--no-auth would let anyone reaching {settings.host} run code: bind to loopback")
+        print(f"\n*** WARNING: {NO_AUTH_WARNING} ***\n", file=sys.stderr, flush=True)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        ws="none",
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3

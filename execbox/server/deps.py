@@ -1,0 +1,48 @@
+"""Dependencies of the routes, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..settings import Settings
+from .auth import Tenant
+from .errors import ApiError
+from .metrics import Metrics
+from .middleware import TENANT_SCOPE_KEY
+from .service import ExecutionService
+
+__all__ = ["MetricsDep", "ServiceDep", "SettingsDep", "TenantDep"]
+
+# Declared for the OpenAPI document; the key itself is checked by the Guard middleware before the body is read.
+_bearer = HTTPBearer(auto_error=False, description="An API key of a tenant: `Authorization: Bearer <key>`.")
+
+
+def _service(request: Request) -> ExecutionService:
+    service: ExecutionService = request.app.state.service
+    return service
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def _tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    tenant = request.scope.get(TENANT_SCOPE_KEY)
+    if not isinstance(tenant, Tenant):
+        raise ApiError(401, "unauthorized", "missing or unknown API key")
+    return tenant
+
+
+ServiceDep = Annotated[ExecutionService, Depends(_service)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+TenantDep = Annotated[Tenant, Depends(_tenant)]

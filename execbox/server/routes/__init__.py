@@ -1,0 +1,1 @@
+"""One module per resource: execute (sync and streamed), executions (async jobs), health."""

@@ -1,0 +1,57 @@
+"""Settings of the HTTP service: the only place execbox reads environment variables.
+
+Every field can be set as ``EXECBOX_<FIELD>`` (e.g. ``EXECBOX_TENANTS_FILE``,
+``EXECBOX_MAX_CONCURRENT``); ``execbox serve`` flags override them. The library
+itself never reads the environment: it takes explicit objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of ``execbox serve`` (see the README's "HTTP API" section)."""
+
+    model_config = SettingsConfigDict(env_prefix="EXECBOX_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    port: int = Field(8080, ge=0, le=65535)
+
+    tenants_file: Path | None = Field(None, description="TOML file of tenants and their hashed API keys.")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description='Extra keys as {"tenant": "key or sha256:<hex>"} (JSON in EXECBOX_API_KEYS); '
+        "such tenants get the default policy unless the tenants file defines them.",
+    )
+    no_auth: bool = Field(False, description="Serve without API keys (local use only; loopback binds only).")
+
+    image: str | None = Field(None, description="Default sandbox image (default: the locally built one).")
+    max_code_bytes: int = Field(1 << 20, gt=0, description="Largest program source; larger gives 413.")
+    max_body_bytes: int = Field(8 << 20, gt=0, description="Largest request body; larger gives 413.")
+
+    max_concurrent: int = Field(4, ge=1, description="Executions running at once, all tenants together.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a slot beyond which new ones get 503.")
+    queue_timeout: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
+    retry_after: int = Field(2, ge=1, description="Retry-After (s) sent with 503 answers.")
+
+    job_ttl: float = Field(3600.0, gt=0, description="Seconds a finished async execution's result is kept.")
+    max_jobs: int = Field(10_000, ge=1, description="Async executions kept at once (queued, running or finished).")
+    max_pending_jobs_per_tenant: int = Field(100, ge=1, description="Queued or running async executions per tenant.")
+
+    webhook_timeout: float = Field(10.0, gt=0, description="Timeout of one webhook delivery attempt.")
+    webhook_attempts: int = Field(3, ge=1, description="Delivery attempts of a webhook before giving up.")
+    allow_private_callbacks: bool = Field(
+        False,
+        description="Allow callback URLs that resolve to loopback, private or link-local addresses "
+        "(off by default: otherwise tenants could make the service call internal hosts).",
+    )
+
+    shutdown_grace: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight executions may finish.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    log_json: bool = Field(True, description="Structured JSON logs on stderr (else plain text).")

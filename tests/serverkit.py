@@ -1,0 +1,172 @@
+"""Helpers of the service tests: a real uvicorn server on 127.0.0.1 (random port) in a thread,
+tenants files, and small HTTP receivers of the tests' own (webhooks) on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from execbox import Executor
+from execbox.engine.base import Engine
+from execbox.server.app import create_app
+from execbox.server.auth import hash_key
+from execbox.settings import Settings
+
+from .conftest import ours
+
+KEY_A = "test-key-alpha-0123456789"
+KEY_B = "test-key-bravo-0123456789"
+KEY_PY = "test-key-python-only-0123"
+SECRET_A = "whsec_alpha_0123456789abcdef"
+
+TENANTS_TOML = f"""
+[tenants.alpha]
+api_keys = ["{hash_key(KEY_A)}"]
+max_concurrent = 4
+executions_per_minute = 1000
+webhook_secret = "{SECRET_A}"
+
+[tenants.alpha.max_limits]
+timeout = 20
+memory = "512m"
+
+[tenants.bravo]
+api_keys = ["{hash_key(KEY_B)}"]
+max_concurrent = 4
+executions_per_minute = 1000
+
+[tenants.pyonly]
+api_keys = ["{hash_key(KEY_PY)}"]
+languages = ["python"]
+max_concurrent = 1
+executions_per_minute = 2
+"""
+
+
+def write_tenants(directory: Path, text: str = TENANTS_TOML) -> Path:
+    path = directory / "tenants.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def settings(tenants_file: Path | None, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "tenants_file": tenants_file,
+        "allow_private_callbacks": True,
+        "max_concurrent": 2,
+        "max_queue": 16,
+        "shutdown_grace": 20,
+        "webhook_timeout": 5,
+    }
+    return Settings(**(base | overrides))
+
+
+class LiveServer:
+    """``create_app`` served by a real uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", ws="none")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
+
+    def client(self, key: str | None = KEY_A, **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, trust_env=False, **kw)
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+
+@contextmanager
+def live_server(engine: Engine, settings_: Settings, **executor_options: Any) -> Iterator[LiveServer]:
+    """A live server over a fresh executor; afterwards no container of this process may remain."""
+    executor = Executor(engine=engine, sweep_on_start=False, **executor_options)
+    server = LiveServer(create_app(settings_, executor=executor)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        executor.close()
+        left = ours(engine)
+        for cid in left:
+            engine.remove(cid)
+        assert not left, f"the service leaked {len(left)} containers"
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line (``name`` includes its labels) of a Prometheus text page, or 0."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class Receiver:
+    """An HTTP server of the test's own on 127.0.0.1 that records POSTs (webhook target)."""
+
+    def __init__(self, status: int = 200) -> None:
+        received: list[tuple[dict[str, str], bytes]] = []
+        self.received = received
+        self.event = threading.Event()
+        event = self.event
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                event.set()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+    def json(self, i: int = 0) -> Any:
+        return json.loads(self.received[i][1])
