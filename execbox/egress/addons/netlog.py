@@ -1,0 +1,71 @@
+"""The network log of each run: one entry per request, with redacted headers, no secret values."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .._mitm import http
+from ..models import NetworkLogEntry
+from ..runs import RunState
+from ._common import DECISION, REASON, RULE, STARTED, STRIPPED, URL, fail_closed, run_of
+from .redaction import redact
+
+__all__ = ["NetworkLog"]
+
+
+def _scrubbed(run: RunState, headers: dict[str, str]) -> dict[str, str]:
+    return {k: run.scrub(v) for k, v in headers.items()}
+
+
+class NetworkLog:
+    def _record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
+        run = run_of(flow)
+        if run is None or flow.metadata.get("execbox.logged"):
+            return
+        flow.metadata["execbox.logged"] = True
+        req, resp = flow.request, flow.response
+        started = float(flow.metadata.get(STARTED) or req.timestamp_start or time.time())
+        ended = (resp.timestamp_end if resp is not None and resp.timestamp_end else None) or time.time()
+        decision = flow.metadata.get(DECISION)
+        rule = str(flow.metadata.get(RULE, ""))
+        reason = str(flow.metadata.get(REASON, ""))
+        if error is not None and decision == "allowed":
+            if error.startswith("execbox denied") or "execbox denied" in error:
+                decision, rule, reason = "denied", error.split("(", 1)[-1].split(")", 1)[0], error
+        if decision not in ("allowed", "denied", "mocked"):
+            decision = "denied"
+        sensitive = run.redact
+        req_headers: Any = req.headers
+        response_headers: dict[str, str] = {}
+        if resp is not None:
+            stripped = flow.metadata.get(STRIPPED) or []
+            resp_headers: Any = resp.headers
+            response_headers = redact([*resp_headers.items(multi=True), *stripped], sensitive)
+        run.record(
+            NetworkLogEntry(
+                time=started,
+                method=req.method,
+                url=run.scrub(str(flow.metadata.get(URL) or req.pretty_url)),
+                status=resp.status_code if resp is not None else None,
+                request_bytes=len(req.raw_content or b""),
+                response_bytes=len(resp.raw_content or b"") if resp is not None else 0,
+                duration_ms=round(max(ended - started, 0.0) * 1000, 3),
+                decision=decision,
+                rule=run.scrub(rule),
+                reason=run.scrub(reason),
+                request_headers=_scrubbed(run, redact(req_headers.items(multi=True), sensitive)),
+                response_headers=_scrubbed(run, response_headers),
+                error=run.scrub(error) if error else None,
+            )
+        )
+
+    @fail_closed("response")
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._record(flow, error=flow.error.msg if flow.error else "error")
+        except Exception:  # the flow already failed; nothing to close
+            pass
