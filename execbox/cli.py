@@ -60,6 +60,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    if args.server:
+        return _run_remote(args, code, language, limits)
     stream = None
     if not args.json:
 
@@ -68,7 +70,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             target.buffer.write(chunk)
             target.flush()
 
-    with Executor(image=args.image) if args.image else Executor() as ex:
+    # One run per process: a warm pool would only create containers nobody uses.
+    options: dict[str, Any] = {"pool": False}
+    if args.image:
+        options["image"] = args.image
+    with Executor(**options) as ex:
         result = ex.execute(
             code,
             _parse_env(args.env),
@@ -90,6 +96,58 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if notes:
             print(f"execbox: {', '.join(notes)}", file=sys.stderr)
     return result.exit_code
+
+
+def _print_notes(result: Any) -> None:
+    notes = []
+    if result.timed_out:
+        notes.append("timed out")
+    if result.oom_killed:
+        notes.append("killed: out of memory")
+    if result.output_truncated:
+        notes.append("output truncated")
+    if notes:
+        print(f"execbox: {', '.join(notes)}", file=sys.stderr)
+
+
+def _run_remote(args: argparse.Namespace, code: str, language: str, limits: dict[str, Any]) -> int:
+    """``execbox run --server URL``: the same run, through the HTTP service."""
+    from .client import Client
+
+    options: dict[str, Any] = {
+        "language": language,
+        "timeout": args.timeout,
+        "limits": limits or None,
+        "image": args.image,
+    }
+    with Client(args.server, api_key=args.api_key) as client:
+        if args.json:
+            result = client.execute(code, _parse_env(args.env), **options)
+            print(json.dumps(result.model_dump(), indent=2))
+            return result.exit_code
+        for event in client.stream(code, _parse_env(args.env), **options):
+            if event.result is not None:
+                _print_notes(event.result)
+                return event.result.exit_code
+            target = sys.stdout if event.kind == "stdout" else sys.stderr
+            target.write(event.data)
+            target.flush()
+    raise ExecboxError("the service ended the stream without a result")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server.app import serve
+    from .settings import Settings
+
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "tenants_file": args.tenants}
+    if args.no_auth:
+        overrides["no_auth"] = True
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    # uvicorn handles SIGTERM/SIGINT (graceful shutdown) and re-raises them once done: make that a no-op,
+    # so that a clean shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    return serve(settings)
 
 
 def _engine() -> Any:
@@ -148,7 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", help="size of /work and /tmp (default 64m)")
     run.add_argument("--image", help="sandbox image (default: the locally built one)")
     run.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    run.add_argument("--server", metavar="URL", help="run on an execbox service instead of the local engine")
+    run.add_argument(
+        "--api-key",
+        default=os.environ.get("EXECBOX_API_KEY"),
+        metavar="KEY",
+        help="API key for --server (default: $EXECBOX_API_KEY)",
+    )
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (settings also from EXECBOX_* variables)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--tenants", type=Path, metavar="FILE", help="tenants TOML file (or $EXECBOX_TENANTS_FILE)")
+    serve.add_argument("--no-auth", action="store_true", help="serve without API keys: local use on loopback only")
+    serve.set_defaults(func=_cmd_serve)
 
     images = sub.add_parser("images", help="sandbox images")
     isub = images.add_subparsers(dest="images_command", required=True)

@@ -24,6 +24,14 @@ class ExecutorConfig(BaseModel):
     uid_base: int = Field(100_000, ge=1000, description="First UID handed to sandboxes (one per live sandbox).")
     uid_count: int = Field(100_000, ge=16)
     sweep_on_start: bool = Field(True, description="Remove orphaned execbox resources when the executor starts.")
+    pool: bool = Field(True, description="Create and warm sandboxes ahead of demand (each still used once).")
+    pool_languages: tuple[str, ...] = Field(
+        ("python", "javascript"), description="Languages kept ready with the default limits and image."
+    )
+    pool_min_ready: int = Field(2, ge=0, description="Ready sandboxes kept per pooled profile.")
+    pool_max_total: int = Field(8, ge=0, description="Cap on ready plus in-creation pooled sandboxes.")
+    pool_max_idle_age: float = Field(300.0, gt=0, description="Ready sandboxes older than this are replaced.")
+    pool_refill_concurrency: int = Field(2, ge=1, description="Sandboxes created at once by the refiller.")
 
     @model_validator(mode="after")
     def _defaults_within_max(self) -> ExecutorConfig:

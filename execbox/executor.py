@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -15,13 +13,12 @@ from typing import Any
 import pydantic
 
 from .config import ExecutorConfig
-from .engine.base import STDERR, Channel, Engine
+from .engine.base import STDERR, Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
-from .hardening import WORKDIR, sandbox_spec
+from .hardening import WORKDIR
 from .images import default_image
-from .labels import EXECUTION, labels_for
 from .models import ExecutionRequest, ExecutionResult, Limits
-from .protocol import FrameDecoder
+from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory, UidAllocator
 from .reaper import sweep
 from .runtimes import get_runtime
 
@@ -33,31 +30,6 @@ OutputCallback = Callable[[str, bytes], None]
 """Called with ("stdout" | "stderr", chunk) as output arrives (within the caps)."""
 
 _AGENT_STDERR_CAP = 16 << 10
-
-
-class _UidAllocator:
-    """Hands out UIDs that no other live sandbox of this process uses.
-
-    Random within a large range, so that separate processes rarely collide either:
-    the kernel counts some budgets (processes, inotify instances) per UID.
-    """
-
-    def __init__(self, base: int, count: int) -> None:
-        self.base, self.count = base, count
-        self._used: set[int] = set()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int:
-        with self._lock:
-            while True:
-                uid = self.base + random.randrange(self.count)
-                if uid not in self._used:
-                    self._used.add(uid)
-                    return uid
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            self._used.discard(uid)
 
 
 class _Capture:
@@ -104,12 +76,22 @@ class Executor:
         self.engine = engine
         self.config = config
         self.image = config.image or default_image()
-        self._uids = _UidAllocator(config.uid_base, config.uid_count)
-        self._live: set[str] = set()
-        self._lock = threading.Lock()
         self._closed = False
         if config.sweep_on_start:
             sweep(engine)
+        ttl = config.max_limits.timeout + config.pool_max_idle_age + 600
+        self.factory = SandboxFactory(engine, UidAllocator(config.uid_base, config.uid_count), ttl)
+        self.pool: Pool | None = None
+        if config.pool:
+            self.pool = Pool(
+                self.factory,
+                max_total=config.pool_max_total,
+                max_idle_age=config.pool_max_idle_age,
+                refill_concurrency=config.pool_refill_concurrency,
+            )
+            for language in config.pool_languages:
+                profile = Profile.of(get_runtime(language), self.image, config.default_limits)
+                self.pool.keep_ready(profile, config.pool_min_ready)
 
     # -- public API -------------------------------------------------------------------
 
@@ -164,29 +146,26 @@ class Executor:
             "timeout": limits.timeout,
             "output_bytes": limits.output_bytes,
         }
-        uid = self._uids.acquire()
-        labels = labels_for("run", ttl=limits.timeout + 600, **{EXECUTION: exec_id})
-        spec = sandbox_spec(limits, request.image or self.image, uid, labels)
+        profile = Profile.of(runtime, request.image or self.image, limits)
+        payload["warm"] = runtime.warm_ok(request.env)
         started = time.monotonic()
-        sid: str | None = None
-        chan: Channel | None = None
         try:
-            try:
-                sid = self.engine.create(spec)
-            except ImageNotFoundError as exc:
-                raise ImageNotFoundError(f"{exc} (build it with `execbox images build`)") from exc
-            with self._lock:
-                self._live.add(sid)
-            chan = self.engine.attach(sid)
-            self.engine.start(sid)
-            chan.send(json.dumps(payload).encode() + b"\n")
-            result = self._collect(exec_id, sid, chan, limits, on_output, started)
+            if self.pool is not None:
+                sb, _ = self.pool.acquire(profile)
+            else:
+                sb = self.factory.make(profile)
+        except ImageNotFoundError as exc:
+            raise ImageNotFoundError(f"{exc} (build it with `execbox images build`)") from exc
+        assert not sb.leased, "a sandbox is used once"
+        sb.leased = True
+        try:
+            sb.channel.send(json.dumps(payload).encode() + b"\n")
+            result = self._collect(exec_id, sb, limits, on_output, started)
         finally:
-            if chan is not None:
-                chan.close()
-            if sid is not None:
-                self._dispose(sid)
-            self._uids.release(uid)
+            if self.pool is not None:
+                self.pool.retire(sb)  # off the request's path
+            else:
+                self.factory.destroy(sb)
         result.language = runtime.name
         log.info(
             "execution %s finished",
@@ -214,13 +193,20 @@ class Executor:
             )
         return limits
 
+    def pool_stats(self) -> PoolStats | None:
+        return self.pool.stats() if self.pool is not None else None
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until every used sandbox has been removed (removal runs in the background)."""
+        return self.pool.drain(timeout) if self.pool is not None else True
+
     def close(self) -> None:
-        """Remove every container this executor still holds."""
+        """Stop the pool and remove every container this executor still holds."""
         self._closed = True
-        with self._lock:
-            live = list(self._live)
-        for sid in live:
-            self._dispose(sid)
+        if self.pool is not None:
+            self.pool.close()
+        for sb in self.factory.live():
+            self.factory.destroy(sb)
 
     def __enter__(self) -> Executor:
         return self
@@ -230,20 +216,10 @@ class Executor:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _dispose(self, sid: str) -> None:
-        try:
-            self.engine.remove(sid)
-        except Exception:
-            # The label and expiry let the reaper collect it; never mask the run's outcome.
-            log.warning("could not remove sandbox %s; the reaper will", sid[:12], exc_info=True)
-        with self._lock:
-            self._live.discard(sid)
-
     def _collect(
         self,
         exec_id: str,
-        sid: str,
-        chan: Channel,
+        sb: Sandbox,
         limits: Limits,
         on_output: OutputCallback | None,
         started: float,
@@ -251,7 +227,8 @@ class Executor:
         out = _Capture("stdout", limits.output_bytes, on_output)
         err = _Capture("stderr", limits.output_bytes, on_output)
         agent_stderr = bytearray()
-        decoder = FrameDecoder(max_frame=max(limits.output_bytes, 1 << 16) + (1 << 16))
+        sid, chan, decoder = sb.id, sb.channel, sb.decoder
+        decoder.max_frame = max(limits.output_bytes, 1 << 16) + (1 << 16)
         meta: dict[str, Any] | None = None
         agent_error: str | None = None
         killed_by_host = False
@@ -282,6 +259,8 @@ class Executor:
                     elif kind == b"R":
                         meta = json.loads(body)
                         break
+                    elif kind == b"K":
+                        continue
                     else:
                         agent_error = body.decode("utf-8", "replace")
                         break

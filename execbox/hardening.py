@@ -31,11 +31,12 @@ def sandbox_spec(
     uid: int,
     labels: dict[str, str],
     network_mode: str = "none",
+    command: tuple[str, ...] = AGENT_COMMAND,
 ) -> SandboxSpec:
     """The create options of one sandbox under ``limits``, running as ``uid``."""
     return SandboxSpec(
         image=image,
-        command=AGENT_COMMAND,
+        command=command,
         user=f"{uid}:{uid}",
         labels=labels,
         memory_bytes=limits.memory,

@@ -25,6 +25,16 @@ class Runtime:
     argv: tuple[str, ...]
     aliases: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # A bootstrap that starts the runtime before the request and then runs the
+    # program as its main module (see execbox/sandbox/warm_*); None: always cold.
+    warm_argv: tuple[str, ...] | None = None
+    # Variables read only at interpreter start-up: when the caller sets one, the
+    # program is started cold so that it takes effect.
+    startup_env_prefixes: tuple[str, ...] = ()
+
+    def warm_ok(self, user_env: dict[str, str]) -> bool:
+        """Whether a pre-started runtime can run a program with ``user_env``."""
+        return self.warm_argv is not None and not any(k.startswith(self.startup_env_prefixes) for k in user_env)
 
     def environment(self, user_env: dict[str, str]) -> dict[str, str]:
         """The program's whole environment: base, runtime, then the caller's values."""
@@ -32,13 +42,22 @@ class Runtime:
 
 
 RUNTIMES: tuple[Runtime, ...] = (
-    Runtime("javascript", "main.js", ("node", "main.js"), aliases=("js", "node", "nodejs")),
+    Runtime(
+        "javascript",
+        "main.js",
+        ("node", "main.js"),
+        aliases=("js", "node", "nodejs"),
+        warm_argv=("node", "/opt/execbox/warm_node.js"),
+        startup_env_prefixes=("NODE_", "UV_"),
+    ),
     Runtime(
         "python",
         "main.py",
         ("python3", "main.py"),
         aliases=("py", "python3"),
         env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        warm_argv=("python3", "/opt/execbox/warm_python.py"),
+        startup_env_prefixes=("PYTHON",),
     ),
     Runtime("bash", "main.sh", ("bash", "main.sh"), aliases=("sh", "shell")),
 )

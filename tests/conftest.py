@@ -48,10 +48,18 @@ def ours(engine: Engine) -> list[str]:
     ]
 
 
-@pytest.fixture
-def executor(engine: Engine) -> Iterator[Executor]:
-    """An executor; after the test, nothing it created may remain (and anything left is removed)."""
-    ex = Executor(engine=engine)
+def busy(ex: Executor) -> set[str]:
+    """Sandboxes handed out for a run and not yet removed (pooled, waiting ones excluded)."""
+    return {sb.id for sb in ex.factory.live() if sb.leased}
+
+
+@pytest.fixture(params=["pool", "no-pool"])
+def executor(request: pytest.FixtureRequest, engine: Engine) -> Iterator[Executor]:
+    """An executor, with and without the warm pool: both paths must behave the same.
+
+    After the test, nothing it created may remain (and anything left is removed).
+    """
+    ex = Executor(engine=engine, pool=request.param == "pool")
     yield ex
     ex.close()
     left = ours(engine)

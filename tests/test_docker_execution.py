@@ -155,6 +155,7 @@ print('Package installed', importlib.import_module('tinypkg').VERSION)
 def test_each_run_gets_a_new_container_that_is_removed(executor: Executor, engine: Engine) -> None:
     ids = [executor.execute("echo $HOSTNAME", language="bash").sandbox_id for _ in range(3)]
     assert len(set(ids)) == 3
+    assert executor.drain()
     for sid in ids:
         with pytest.raises(EngineError):
             engine.state(sid)
@@ -173,3 +174,38 @@ def test_context_manager_and_close(engine: Engine) -> None:
 
     with pytest.raises(InvalidRequestError):
         ex.execute("print(1)", language="python")
+
+
+def test_program_semantics_are_those_of_a_fresh_process(executor: Executor) -> None:
+    # Whether the runtime was started ahead of the request (pool) or not, the
+    # program is the main module of a fresh process.
+    py = executor.execute(
+        "import sys, os\nprint(__name__, sys.argv, sys.path[0], __file__, os.getcwd())\nraise KeyError('k')",
+        language="python",
+    )
+    assert py.stdout == "__main__ ['main.py'] /work /work/main.py /work\n"
+    assert py.exit_code == 1
+    assert py.stderr.startswith('Traceback (most recent call last):\n  File "/work/main.py", line 3')
+    assert "execbox" not in py.stderr and py.stderr.endswith("KeyError: 'k'\n")
+    js = executor.execute(
+        "console.log(require.main === module, process.argv.length, process.argv[1], __filename);"
+        "process.exitCode = 3; setTimeout(() => console.log('later'), 50)"
+    )
+    assert js.stdout == "true 2 /work/main.js /work/main.js\nlater\n" and js.exit_code == 3
+    err = executor.execute("function f() { throw new TypeError('bad') }\nf()")
+    assert err.exit_code == 1 and "TypeError: bad" in err.stderr and "at f (/work/main.js:1" in err.stderr
+    assert "execbox" not in err.stderr
+
+
+def test_startup_environment_variables_take_effect(executor: Executor) -> None:
+    # Variables read at interpreter start-up work as for a normal start.
+    r = executor.execute(
+        "import sys; print(sys.flags.optimize, sys.path[1])",
+        {"PYTHONOPTIMIZE": "2", "PYTHONPATH": "/work/lib"},
+        language="python",
+    )
+    assert r.stdout == "2 /work/lib\n"
+    r = executor.execute(
+        "console.log(process.execArgv.length, process.env.NODE_OPTIONS)", {"NODE_OPTIONS": "--no-warnings"}
+    )
+    assert r.stdout == "0 --no-warnings\n"

@@ -18,7 +18,7 @@ from execbox import Executor, InvalidRequestError
 from execbox.engine.base import Engine
 from execbox.exceptions import EngineError
 from execbox.labels import MANAGED_FILTER, OWNER
-from tests.conftest import ours
+from tests.conftest import busy
 
 pytestmark = pytest.mark.docker
 
@@ -130,7 +130,11 @@ def test_removed_after_error_timeout_and_oom(executor: Executor, engine: Engine)
     ]
     assert [r.exit_code for r in runs] == [3, 137, 137]
     assert runs[1].timed_out and runs[2].oom_killed
-    assert ours(engine) == []
+    assert executor.drain()
+    assert busy(executor) == set()
+    for r in runs:
+        with pytest.raises(EngineError, match="No such container"):
+            engine.state(r.sandbox_id)
 
 
 def test_removed_after_exception_in_execbox(executor: Executor, engine: Engine) -> None:
@@ -139,7 +143,8 @@ def test_removed_after_exception_in_execbox(executor: Executor, engine: Engine) 
 
     with pytest.raises(RuntimeError):
         executor.execute("console.log('x'); setTimeout(() => {}, 5000)", on_output=explode)
-    assert ours(engine) == []
+    assert executor.drain()
+    assert busy(executor) == set()
 
 
 def _wait_for_container(engine: Engine, pid: int, timeout: float = 30) -> str:
@@ -218,13 +223,20 @@ def test_cli_run_exit_code_env_and_json(tmp_path: Path) -> None:
 def test_bad_input_is_refused_before_any_container(
     executor: Executor, engine: Engine, kwargs: dict, field: str
 ) -> None:
-    before = len(engine.list_resources(MANAGED_FILTER))
+    made = executor.factory.made
+    stats = executor.pool_stats()
     args = {"code": "print(1)", "language": "python", **kwargs}
     with pytest.raises(InvalidRequestError) as info:
         executor.execute(args.pop("code"), **args)
     assert info.value.field == field, info.value
     assert info.value.message
-    assert len(engine.list_resources(MANAGED_FILTER)) == before
+    # No sandbox was made or handed out for it (the pool may refill meanwhile).
+    after = executor.pool_stats()
+    if stats is None or after is None:
+        assert executor.factory.made == made
+    else:
+        assert (after.hits, after.misses) == (stats.hits, stats.misses)
+    assert busy(executor) == set()
 
 
 def test_cli_bad_input_exit_code_and_message() -> None:

@@ -107,7 +107,9 @@ def test_sandbox_spec_is_hardened() -> None:
 def _run_agent(tmp_path: Path, **req: object) -> tuple[list[tuple[bytes, bytes]], int]:
     request = {"argv": ["python3", "main.py"], "filename": "main.py", "workdir": str(tmp_path), "env": {}, **req}
     proc = subprocess.run([sys.executable, str(AGENT)], input=json.dumps(request).encode() + b"\n", capture_output=True)
-    return list(FrameDecoder(1 << 24).feed(proc.stdout)), proc.returncode
+    frames = list(FrameDecoder(1 << 24).feed(proc.stdout))
+    assert frames[0] == (b"K", b"")  # ready before the request
+    return frames[1:], proc.returncode
 
 
 def test_agent_protocol_locally(tmp_path: Path) -> None:

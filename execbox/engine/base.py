@@ -71,6 +71,10 @@ class Channel(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def alive(self) -> bool:
+        """False when the stream has already ended (the sandbox died while waiting)."""
+        return True
+
 
 class Engine(ABC):
     """A container engine (Docker first)."""

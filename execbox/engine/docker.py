@@ -77,6 +77,18 @@ class DockerChannel(Channel):
                 return None
             self._fill(deadline)
 
+    def alive(self) -> bool:
+        if self._eof:
+            return False
+        ready, _, _ = select.select([self._sock], [], [], 0)
+        if not ready:
+            return True
+        try:
+            # A waiting sandbox sends nothing: readable means EOF (or garbage).
+            return bool(self._sock.recv(1, socket.MSG_PEEK)) and False
+        except OSError:
+            return False
+
     def close(self) -> None:
         for closer in (self._sock.close, self._keepalive.close):
             try:

@@ -2,6 +2,9 @@
 
 It serves exactly one execution and exits:
 
+0. with ``--warm SPEC`` it first starts the language runtime (a waiting Python
+   interpreter or Node process, see ``warm_*.py/js``) and reports ``K`` (ready)
+   once it waits; without, it reports ``K`` at once;
 1. reads one request, a JSON object on a single line, from stdin (the attached stream);
 2. writes the request's files and the program into the working directory;
 3. runs the program as a fresh process in its own session, with exactly the
@@ -12,7 +15,7 @@ It serves exactly one execution and exits:
 5. writes a final result frame and exits with the program's exit code.
 
 Frames: one type byte, a big-endian uint32 length, then the payload.
-``O`` stdout bytes, ``E`` stderr bytes, ``R`` result (JSON), ``X`` agent error (UTF-8).
+``K`` ready, ``O`` stdout bytes, ``E`` stderr bytes, ``R`` result (JSON), ``X`` agent error (UTF-8).
 
 The agent is not trusted by the host: the host enforces its own time limit and
 byte caps, and only the program's own run can be misreported by a program that
@@ -117,27 +120,79 @@ def _kill_session(pid: int) -> None:
         pass
 
 
-def run(req: dict[str, Any], out: Out) -> int:
+def _spawn(argv: list[str], workdir: str, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> Any:
+    return subprocess.Popen(
+        argv,
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_child_setup,
+        close_fds=True,
+        pass_fds=pass_fds,
+    )
+
+
+class Warm:
+    """A language runtime started before the request, waiting on a control pipe."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        ctrl_r, self.ctrl_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
+        argv = list(spec["argv"]) + [str(ctrl_r), str(ready_w)]
+        self.proc = _spawn(argv, spec["workdir"], spec["env"], pass_fds=(ctrl_r, ready_w))
+        os.close(ctrl_r)
+        os.close(ready_w)
+
+    def wait_ready(self, timeout: float) -> bool:
+        sel = selectors.DefaultSelector()
+        sel.register(self.ready_r, selectors.EVENT_READ)
+        ok = bool(sel.select(timeout)) and os.read(self.ready_r, 1) == b"R"
+        sel.close()
+        os.close(self.ready_r)
+        return ok
+
+    def start(self, filename: str, env: dict[str, str]) -> Any:
+        data = json.dumps({"file": filename, "env": env}).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.ctrl_w, view) :]
+        os.close(self.ctrl_w)
+        return self.proc
+
+    def discard(self) -> None:
+        _kill_session(self.proc.pid)
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+        try:
+            os.close(self.ctrl_w)
+        except OSError:
+            pass
+
+
+def run(req: dict[str, Any], out: Out, warm: Warm | None = None) -> int:
     workdir = req.get("workdir") or "/work"
     os.makedirs(workdir, exist_ok=True)
     _write_files(workdir, req)
     cap = int(req.get("output_bytes", 1 << 20))
     timeout = float(req.get("timeout", 10.0))
     stdin_data = base64.b64decode(req["stdin"]) if req.get("stdin") else b""
+    env = req.get("env") or {}
 
     oom_before = _oom_kills()
     started = time.monotonic()
-    proc = subprocess.Popen(
-        req["argv"],
-        cwd=workdir,
-        env=req.get("env") or {},
-        stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=_child_setup,
-        close_fds=True,
-    )
+    if warm is not None and req.get("warm"):
+        proc = warm.start(req["filename"], env)
+    else:
+        if warm is not None:
+            warm.discard()
+        proc = _spawn(req["argv"], workdir, env)
+    if not stdin_data:
+        proc.stdin.close()
+        proc.stdin = None
     deadline = started + timeout
     sel = selectors.DefaultSelector()
     kinds = {}
@@ -208,7 +263,7 @@ def run(req: dict[str, Any], out: Out) -> int:
         for _ in range(1024):
             if fd not in kinds or not forward(fd):
                 break
-    status = proc.wait()
+    status: int = proc.wait()
     duration = time.monotonic() - started
     os.close(pidfd)
     signum = -status if status < 0 else None
@@ -226,15 +281,22 @@ def run(req: dict[str, Any], out: Out) -> int:
     return exit_code
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     _make_undumpable()
     out = Out()
     try:
+        warm = None
+        if argv[:1] == ["--warm"]:
+            warm = Warm(json.loads(argv[1]))
+            if not warm.wait_ready(30.0):
+                warm.discard()
+                warm = None
+        out.send(b"K", b"")
         line = sys.stdin.buffer.readline(MAX_REQUEST_BYTES)
         if not line:
             return 125
         req = json.loads(line)
-        return run(req, out)
+        return run(req, out, warm)
     except Exception as exc:  # report, never hang the host
         try:
             out.send(b"X", f"{type(exc).__name__}: {exc}".encode("utf-8", "replace"))
@@ -244,4 +306,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

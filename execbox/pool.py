@@ -1,0 +1,373 @@
+"""Sandboxes made ahead of demand: created, started and warmed before the request.
+
+A ``Pool`` keeps ``min_ready`` started sandboxes per ``Profile`` (language, image,
+limits, network), each waiting in its agent with the language runtime already
+started. A sandbox is handed out exactly once and destroyed after its run, off the
+request's path; the pool refills in the background with bounded concurrency.
+The pool's lock is never held across engine calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine.base import STDERR, Channel, Engine
+from .exceptions import ExecboxError, SandboxError
+from .hardening import AGENT_COMMAND, WORKDIR, sandbox_spec
+from .labels import labels_for
+from .models import Limits
+from .protocol import FrameDecoder
+from .runtimes import Runtime, get_runtime
+
+__all__ = ["Pool", "PoolStats", "Profile", "Sandbox", "SandboxFactory"]
+
+log = logging.getLogger("execbox.pool")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a sandbox is made for: everything fixed when its container is created."""
+
+    language: str
+    image: str
+    memory: int
+    cpus: float
+    pids: int
+    disk: int
+    inodes: int
+    network: str = "none"
+
+    @classmethod
+    def of(cls, runtime: Runtime, image: str, limits: Limits, network: str = "none") -> Profile:
+        return cls(runtime.name, image, limits.memory, limits.cpus, limits.pids, limits.disk, limits.inodes, network)
+
+    def limits(self) -> Limits:
+        return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids, disk=self.disk, inodes=self.inodes)
+
+
+@dataclass
+class Sandbox:
+    """One started container, used for one execution."""
+
+    id: str
+    channel: Channel
+    uid: int
+    profile: Profile
+    warm: bool
+    created: float
+    decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(max_frame=1 << 16))
+    ready: bool = False
+    leased: bool = False  # handed out for a run (it is never handed out twice)
+
+
+class UidAllocator:
+    """Hands out UIDs that no other live sandbox of this process uses.
+
+    Random within a large range, so separate processes rarely collide either: the
+    kernel counts some budgets (processes, inotify instances) per UID.
+    """
+
+    def __init__(self, base: int, count: int) -> None:
+        import random
+
+        self._rand = random.Random()
+        self.base, self.count = base, count
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            while True:
+                uid = self.base + self._rand.randrange(self.count)
+                if uid not in self._used:
+                    self._used.add(uid)
+                    return uid
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._used.discard(uid)
+
+
+class SandboxFactory:
+    """Creates, starts and destroys sandboxes; knows every sandbox still alive."""
+
+    def __init__(self, engine: Engine, uids: UidAllocator, ttl: float) -> None:
+        self.engine = engine
+        self.uids = uids
+        self.ttl = ttl
+        self._live: dict[str, Sandbox] = {}
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def make(self, profile: Profile, kind: str = "run", ready_timeout: float | None = None) -> Sandbox:
+        """A started sandbox for ``profile``; with ``ready_timeout``, wait until its runtime waits."""
+        runtime = get_runtime(profile.language)
+        command: tuple[str, ...] = AGENT_COMMAND
+        if runtime.warm_argv is not None:
+            warm = {"argv": list(runtime.warm_argv), "env": runtime.environment({}), "workdir": WORKDIR}
+            command = (*AGENT_COMMAND, "--warm", json.dumps(warm, separators=(",", ":")))
+        uid = self.uids.acquire()
+        spec = sandbox_spec(
+            profile.limits(), profile.image, uid, labels_for(kind, self.ttl), profile.network, command=command
+        )
+        sid: str | None = None
+        try:
+            sid = self.engine.create(spec)
+            channel = self.engine.attach(sid)
+            sb = Sandbox(sid, channel, uid, profile, runtime.warm_argv is not None, time.monotonic())
+            with self._lock:
+                self._live[sid] = sb
+                self.made += 1
+            self.engine.start(sid)
+        except BaseException:
+            if sid is not None:
+                self._forget(sid)
+                self._remove_quietly(sid)
+            self.uids.release(uid)
+            raise
+        if ready_timeout is not None:
+            try:
+                self._await_ready(sb, ready_timeout)
+            except BaseException:
+                self.destroy(sb)
+                raise
+        return sb
+
+    def _await_ready(self, sb: Sandbox, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not sb.ready:
+            item = sb.channel.recv(max(deadline - time.monotonic(), 0.0))
+            if item is None:
+                raise SandboxError(f"sandbox {sb.id[:12]} ended before it was ready")
+            stream, data = item
+            if stream == STDERR:
+                continue
+            for kind, _ in sb.decoder.feed(data):
+                if kind != b"K":
+                    raise SandboxError(f"sandbox {sb.id[:12]} sent {kind!r} before ready")
+                sb.ready = True
+
+    def destroy(self, sb: Sandbox) -> None:
+        """Close and force-remove; the reaper collects it if the engine refuses now."""
+        sb.channel.close()
+        self._remove_quietly(sb.id)
+        self._forget(sb.id)
+        self.uids.release(sb.uid)
+
+    def _forget(self, sid: str) -> None:
+        with self._lock:
+            self._live.pop(sid, None)
+
+    def _remove_quietly(self, sid: str) -> None:
+        try:
+            self.engine.remove(sid)
+        except Exception:
+            log.warning("could not remove sandbox %s; the reaper will", sid[:12], exc_info=True)
+
+    def live(self) -> list[Sandbox]:
+        with self._lock:
+            return list(self._live.values())
+
+
+@dataclass
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    miss_wait_ms: float = 0.0
+    created: int = 0
+    create_failures: int = 0
+    retired: int = 0
+    expired: int = 0
+    dead: int = 0
+    ready: int = 0
+    creating: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Pool:
+    """Ready sandboxes per profile, refilled in the background."""
+
+    def __init__(
+        self,
+        factory: SandboxFactory,
+        *,
+        max_total: int = 8,
+        max_idle_age: float = 300.0,
+        refill_concurrency: int = 2,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.factory = factory
+        self.max_total = max_total
+        self.max_idle_age = max_idle_age
+        self.ready_timeout = ready_timeout
+        self._targets: dict[Profile, int] = {}
+        self._ready: dict[Profile, deque[Sandbox]] = {}
+        self._creating: dict[Profile, int] = {}
+        self._stats = PoolStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._backoff = 0.0
+        self._create_pool = ThreadPoolExecutor(refill_concurrency, thread_name_prefix="execbox-pool-create")
+        self._destroy_pool = ThreadPoolExecutor(2, thread_name_prefix="execbox-pool-destroy")
+        self._pending_destroys = 0
+        self._idle = threading.Condition(self._lock)
+        self._refiller = threading.Thread(target=self._refill_loop, name="execbox-pool-refill", daemon=True)
+        self._refiller.start()
+
+    # -- public -------------------------------------------------------------------------
+
+    def keep_ready(self, profile: Profile, n: int) -> None:
+        """Keep ``n`` sandboxes of ``profile`` ready (0 stops refilling it)."""
+        with self._lock:
+            self._targets[profile] = n
+        self._wake.set()
+
+    def acquire(self, profile: Profile) -> tuple[Sandbox, bool]:
+        """A never-used sandbox for ``profile`` and whether it came ready from the pool.
+
+        When none is ready, one is made now on the caller's thread (bounded by the engine).
+        """
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ExecboxError("the pool is closed")
+                queue = self._ready.get(profile)
+                sb = queue.popleft() if queue else None
+            if sb is None:
+                break
+            self._wake.set()
+            if sb.channel.alive():
+                with self._lock:
+                    self._stats.hits += 1
+                return sb, True
+            with self._lock:
+                self._stats.dead += 1
+            self.retire(sb)
+        t0 = time.monotonic()
+        sb = self.factory.make(profile)
+        with self._lock:
+            self._stats.misses += 1
+            self._stats.miss_wait_ms += (time.monotonic() - t0) * 1000
+        return sb, False
+
+    def retire(self, sb: Sandbox) -> None:
+        """Destroy a used (or unusable) sandbox in the background."""
+        with self._lock:
+            self._pending_destroys += 1
+            self._stats.retired += 1
+        try:
+            self._destroy_pool.submit(self._destroy, sb)
+        except RuntimeError:  # shut down: do it here
+            self._destroy(sb)
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until every retired sandbox is removed."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending_destroys:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def ready_ids(self) -> set[str]:
+        with self._lock:
+            return {sb.id for q in self._ready.values() for sb in q}
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            s = PoolStats(**self._stats.__dict__)
+            s.ready = sum(len(q) for q in self._ready.values())
+            s.creating = sum(self._creating.values())
+        return s
+
+    def close(self) -> None:
+        """Stop refilling, remove every pooled sandbox, wait for pending removals."""
+        with self._lock:
+            self._closed = True
+            ready = [sb for q in self._ready.values() for sb in q]
+            self._ready.clear()
+        self._wake.set()
+        self._refiller.join(timeout=10)
+        self._create_pool.shutdown(wait=True)  # creations in flight land in _ready (closed: retired)
+        with self._lock:
+            ready += [sb for q in self._ready.values() for sb in q]
+            self._ready.clear()
+        for sb in ready:
+            self.retire(sb)
+        self.drain()
+        self._destroy_pool.shutdown(wait=True)
+
+    # -- background ---------------------------------------------------------------------
+
+    def _destroy(self, sb: Sandbox) -> None:
+        try:
+            self.factory.destroy(sb)
+        finally:
+            with self._idle:
+                self._pending_destroys -= 1
+                self._idle.notify_all()
+
+    def _refill_loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._closed:
+                return
+            if self._backoff:
+                time.sleep(self._backoff)
+            expired: list[Sandbox] = []
+            launches: list[Profile] = []
+            now = time.monotonic()
+            with self._lock:
+                for queue in self._ready.values():
+                    while queue and now - queue[0].created > self.max_idle_age:
+                        expired.append(queue.popleft())
+                total = sum(len(q) for q in self._ready.values()) + sum(self._creating.values())
+                for profile, target in self._targets.items():
+                    have = len(self._ready.get(profile, ())) + self._creating.get(profile, 0)
+                    while have < target and total < self.max_total:
+                        launches.append(profile)
+                        self._creating[profile] = self._creating.get(profile, 0) + 1
+                        have += 1
+                        total += 1
+                self._stats.expired += len(expired)
+            for sb in expired:
+                self.retire(sb)
+            for profile in launches:
+                self._create_pool.submit(self._create_one, profile)
+
+    def _create_one(self, profile: Profile) -> None:
+        sb: Sandbox | None = None
+        try:
+            sb = self.factory.make(profile, kind="pool", ready_timeout=self.ready_timeout)
+        except Exception as exc:
+            self._backoff = min(max(self._backoff * 2, 0.1), 5.0)
+            log.warning(
+                "pool: could not create a %s sandbox (retrying in %.1f s): %s", profile.language, self._backoff, exc
+            )
+        else:
+            self._backoff = 0.0
+        with self._lock:
+            self._creating[profile] -= 1
+            if sb is not None:
+                self._stats.created += 1
+                if not self._closed:
+                    self._ready.setdefault(profile, deque()).append(sb)
+                    sb = None
+            else:
+                self._stats.create_failures += 1
+        if sb is not None:  # closed while creating
+            self.retire(sb)
+        self._wake.set()

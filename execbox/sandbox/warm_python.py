@@ -1,0 +1,53 @@
+"""A Python interpreter started ahead of the request (standard library only).
+
+Started by the agent as ``python3 warm_python.py CTRL_FD READY_FD``: it signals
+readiness on READY_FD, blocks reading one JSON message from CTRL_FD (the
+program's environment and file), then runs the program as ``__main__``, as
+``python3 main.py`` would: own module namespace, ``sys.argv``, ``sys.path[0]``,
+exit codes, and tracebacks that show only the program's frames.
+"""
+
+import json
+import os
+import sys
+
+
+def _main() -> None:
+    ctrl, ready = int(sys.argv[1]), int(sys.argv[2])
+    os.write(ready, b"R")
+    os.close(ready)
+    chunks = []
+    while True:
+        chunk = os.read(ctrl, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(ctrl)
+    msg = json.loads(b"".join(chunks))
+    os.environ.clear()
+    os.environ.update(msg["env"])
+    path = os.path.abspath(msg["file"])
+    sys.argv = [msg["file"]]
+    sys.path[0] = os.path.dirname(path)
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    try:
+        with open(path, "rb") as fh:
+            code = compile(fh.read(), path, "exec")
+        exec(code, main.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # report as the interpreter would, without our frames
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != path:
+            tb = tb.tb_next
+        tb = tb or exc.__traceback__
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
+_main()
