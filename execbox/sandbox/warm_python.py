@@ -33,7 +33,6 @@ def _main() -> None:
 
     main = types.ModuleType("__main__")
     main.__file__ = path
-    main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
     try:
         with open(path, "rb") as fh:
