@@ -91,24 +91,32 @@ class Guard:
             field="body",
             reason="too_large",
         )
+        # A refused body is read and dropped up to this size, so that the client, still sending,
+        # can read the 413 instead of a connection reset; a larger one is cut off at once.
+        drain_limit = 8 * self.max_body
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        if length is not None and length.isdigit() and int(length) > drain_limit:
             await self._reject(scope, receive, send, too_large)
             return None
         chunks: list[bytes] = []
         size = 0
-        while True:
+        more = True
+        while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
+            more = message.get("more_body", False)
             size += len(chunk)
-            if size > self.max_body:
-                await self._reject(scope, receive, send, too_large)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+            if size > drain_limit:
+                break
+            if size <= self.max_body:
+                chunks.append(chunk)
+        if size > self.max_body:
+            chunks.clear()
+            await self._reject(scope, receive, send, too_large)
+            return None
+        return b"".join(chunks)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, err: ApiError) -> None:
         self.metrics.rejected(err.reason)
