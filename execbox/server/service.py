@@ -148,6 +148,7 @@ class ExecutionService:
         outcome = "failed"
         try:
             result = await anyio.to_thread.run_sync(executor.run, request, on_output, limiter=self._threads)
+            bind(execution_id=result.id)  # for the request's access log line
             outcome = outcome_of(result)
             return result
         finally:
