@@ -313,3 +313,22 @@ def test_client_maps_http_errors_onto_the_exception_tree() -> None:
         raise_for_response(answer(429, "quota_exceeded", retry="7"))
     assert q.value.retry_after == 7 and q.value.status_code == 429
     raise_for_response(httpx.Response(200, json={}))
+
+
+def test_a_failed_job_raises_its_error_from_wait() -> None:
+    from execbox.client import _job_result
+    from execbox.exceptions import SandboxError
+    from execbox.server.schemas import ErrorBody, ExecutionJob
+
+    job = ExecutionJob(
+        id="ex_1",
+        status="failed",
+        language="python",
+        created_at=0,
+        error=ErrorBody(type="sandbox_error", message="agent died"),
+    )
+    with pytest.raises(SandboxError, match="agent died"):
+        _job_result(job)
+    job = job.model_copy(update={"error": ErrorBody(type="shutting_down", message="bye")})
+    with pytest.raises(ServiceError, match="bye"):
+        _job_result(job)
