@@ -164,7 +164,7 @@ class SandboxResult:
     container_id: str
 
     def json(self) -> Any:
-        lines = [line for line in self.stdout.splitlines() if line.startswith("{")]
+        lines = [line for line in self.stdout.splitlines() if line.startswith(("{", "["))]
         assert lines, f"no JSON output; stdout={self.stdout!r} stderr={self.stderr[-2000:]!r}"
         return json.loads(lines[-1])
 
@@ -241,6 +241,8 @@ def run_in_sandbox(
                         break
                     body = bytes(buf[_HEAD.size : _HEAD.size + length])
                     del buf[: _HEAD.size + length]
+                    if kind == b"K":  # "ready" (newer agents)
+                        continue
                     if kind == b"O":
                         out += body
                     elif kind == b"E":
