@@ -281,6 +281,10 @@ class Pool:
                 self._idle.wait(left)
         return True
 
+    def ready_count(self, profile: Profile) -> int:
+        with self._lock:
+            return len(self._ready.get(profile, ()))
+
     def ready_ids(self) -> set[str]:
         with self._lock:
             return {sb.id for q in self._ready.values() for sb in q}

@@ -209,3 +209,32 @@ def test_startup_environment_variables_take_effect(executor: Executor) -> None:
         "console.log(process.execArgv.length, process.env.NODE_OPTIONS)", {"NODE_OPTIONS": "--no-warnings"}
     )
     assert r.stdout == "0 --no-warnings\n"
+
+
+def test_exit_behaviour_threads_atexit_and_unclosed_files(executor: Executor) -> None:
+    code = """
+import atexit, sys, threading, time
+f = open('/work/out.txt', 'w')
+f.write('unflushed')                       # never closed: flushed at exit
+atexit.register(lambda: print('atexit ran', open('/work/out.txt').read() == '', flush=True))
+def late():
+    time.sleep(0.2)
+    print('thread done', flush=True)
+threading.Thread(target=late).start()      # non-daemon: exit waits for it
+class D:
+    def __del__(self):
+        print('finalizer', flush=True)
+d = D()
+sys.exit('bye')
+"""
+    r = executor.execute(code, language="python")
+    assert r.exit_code == 1 and r.stderr == "bye\n"
+    assert r.stdout == "thread done\natexit ran True\nfinalizer\n"
+    check = executor.execute(
+        "f = open('/work/o', 'w'); f.write('x' * 5000)\nimport atexit\n"
+        "atexit.register(lambda: None)",
+        language="python",
+    )
+    assert check.exit_code == 0
+    js = executor.execute("process.on('exit', c => console.log('exit', c)); process.exitCode = 9")
+    assert (js.stdout, js.exit_code) == ("exit 9\n", 9)

@@ -8,6 +8,12 @@ const fs = require('fs');
 const path = require('path');
 const Module = require('module');
 
+// Pay, before the request, for what every program's first steps cost: the
+// stdio streams and one pass through the module loader (an empty module).
+void process.stdout;
+void process.stderr;
+require('./warm_prime.js');
+
 const ctrl = Number(process.argv[2]);
 const ready = Number(process.argv[3]);
 fs.writeSync(ready, 'R');
