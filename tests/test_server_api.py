@@ -202,11 +202,13 @@ def test_bad_input_is_422_naming_the_field(client: httpx.Client, server: LiveSer
         assert error_of(r)["type"] == "invalid_request"
     r = client.post("/v1/execute", content=b'{"code": "1",', headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and error_of(r)["field"] == "body" and "JSON" in error_of(r)["message"]
+    r = client.post("/v1/execute", content=b'{"code": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and error_of(r)["field"] == "body"  # not UTF-8 (found by the fuzzer)
     # The offending values are never echoed back (they may be secrets).
     r = client.post("/v1/execute", json={"code": "1", "env": {"TOKEN": ["sk_live_secret"]}})
     assert r.status_code == 422 and "sk_live_secret" not in r.text
     after = metric(client.get("/metrics").text, 'execbox_rejections_total{reason="invalid"}')
-    assert after - before == len(cases) + 2
+    assert after - before == len(cases) + 3
 
 
 def test_oversized_body_or_code_is_413(client: httpx.Client) -> None:

@@ -126,6 +126,10 @@ def install_error_handlers(app: FastAPI, on_reject: Any) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (e.g. not UTF-8): malformed input, like invalid JSON.
+            on_reject("invalid")
+            return error_response(ApiError(422, "invalid_request", f"malformed body: {exc.detail}", field="body"))
         types = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return error_response(ApiError(exc.status_code, types.get(exc.status_code, "http_error"), str(exc.detail)))
 
