@@ -1,0 +1,189 @@
+"""API overhead over the library, and sustained executions/s through the HTTP service.
+
+    .venv/bin/python bench/api.py [--runs 40] [--throughput-runs 80] [--duration 60] [--language python]
+
+1. Library: ``Executor.execute`` of a one-line program, ``--runs`` times in a row (latency per call).
+2. API, one client: the same program through ``execbox serve`` (a real process on 127.0.0.1) with
+   ``execbox.Client``. Overhead per request = latency seen by the client - the executor's own
+   ``duration_ms`` of that very run (HTTP, JSON, admission, thread hand-off).
+3. Throughput at 4 and 16 concurrent clients: ``--throughput-runs`` executions or ``--duration`` seconds,
+   whichever comes first; executions/s counts 200 answers only, 503s (queue full) are reported.
+
+Bounded in count and time, loopback only. Figures depend on the machine: this one has 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from execbox import Client, Executor, ServerBusyError
+
+PROGRAMS = {"python": "print(1)", "javascript": "console.log(1)", "bash": "echo 1"}
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def line(name: str, values: list[float]) -> str:
+    return f"{name:<34} p50 {pct(values, 50):8.1f} ms   p95 {pct(values, 95):8.1f} ms   (n={len(values)})"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def library(language: str, runs: int) -> list[float]:
+    code = PROGRAMS[language]
+    out = []
+    with Executor() as ex:
+        ex.execute(code, language=language)  # warm-up
+        for _ in range(runs):
+            t = time.perf_counter()
+            r = ex.execute(code, language=language)
+            out.append((time.perf_counter() - t) * 1000)
+            assert r.exit_code == 0, r
+    return out
+
+
+def start_server(concurrency: int, queue: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = os.environ | {
+        "EXECBOX_MAX_CONCURRENT": str(concurrency),
+        "EXECBOX_MAX_QUEUE": str(queue),
+        "EXECBOX_LOG_LEVEL": "warning",
+    }
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "execbox.cli", "serve", "--no-auth", "--port", str(port)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", trust_env=False).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the server did not start; see {log}")
+
+
+def sequential(url: str, language: str, runs: int) -> tuple[list[float], list[float]]:
+    code = PROGRAMS[language]
+    latency, overhead = [], []
+    with Client(url, trust_env=False) as c:
+        c.execute(code, language=language)
+        for _ in range(runs):
+            t = time.perf_counter()
+            r = c.execute(code, language=language)
+            ms = (time.perf_counter() - t) * 1000
+            latency.append(ms)
+            overhead.append(ms - r.duration_ms)
+    return latency, overhead
+
+
+def throughput(url: str, language: str, clients: int, total: int, duration: float) -> dict[str, float]:
+    code = PROGRAMS[language]
+    lock = threading.Lock()
+    counts = {"ok": 0, "busy": 0, "error": 0, "issued": 0}
+    latencies: list[float] = []
+    deadline = time.monotonic() + duration
+
+    def worker() -> None:
+        with Client(url, trust_env=False) as c:
+            while time.monotonic() < deadline:
+                with lock:
+                    if counts["issued"] >= total:
+                        return
+                    counts["issued"] += 1
+                t = time.perf_counter()
+                try:
+                    r = c.execute(code, language=language)
+                    kind = "ok" if r.exit_code == 0 else "error"
+                except ServerBusyError:
+                    kind = "busy"
+                except Exception:
+                    kind = "error"
+                with lock:
+                    counts[kind] += 1
+                    if kind == "ok":
+                        latencies.append((time.perf_counter() - t) * 1000)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "ok": counts["ok"],
+        "busy": counts["busy"],
+        "error": counts["error"],
+        "seconds": elapsed,
+        "per_second": counts["ok"] / elapsed,
+        "p50": pct(latencies, 50) if latencies else float("nan"),
+        "p95": pct(latencies, 95) if latencies else float("nan"),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=40, help="sequential runs for the latency figures")
+    p.add_argument("--throughput-runs", type=int, default=80, help="executions per concurrency level")
+    p.add_argument("--duration", type=float, default=60.0, help="time cap (s) per concurrency level")
+    p.add_argument("--language", choices=sorted(PROGRAMS), default="python")
+    p.add_argument("--server-concurrency", type=int, default=4, help="EXECBOX_MAX_CONCURRENT of the server")
+    args = p.parse_args()
+
+    print(f"program: {PROGRAMS[args.language]!r} ({args.language}); {os.cpu_count()} CPUs")
+    lib = library(args.language, args.runs)
+    print(line("library Executor.execute", lib))
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "execbox-bench-serve.log"
+    proc, url = start_server(args.server_concurrency, 256, log)
+    try:
+        latency, overhead = sequential(url, args.language, args.runs)
+        print(line("API Client.execute (1 client)", latency))
+        print(line("API overhead (client - executor)", overhead))
+        print(f"{'difference of medians API - library':<34} {pct(latency, 50) - pct(lib, 50):8.1f} ms")
+        print(f"\nthroughput (server max_concurrent={args.server_concurrency}):")
+        for clients in (4, 16):
+            r = throughput(url, args.language, clients, args.throughput_runs, args.duration)
+            print(
+                f"  {clients:>2} clients: {r['per_second']:6.1f} executions/s  "
+                f"({r['ok']:.0f} ok, {r['busy']:.0f} busy 503, {r['error']:.0f} errors in {r['seconds']:.1f} s; "
+                f"latency p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms)"
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(90)
+        print(f"\nserver stopped (exit {code}); mean library latency {statistics.fmean(lib):.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
