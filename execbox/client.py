@@ -21,6 +21,7 @@ import pydantic
 
 from .exceptions import (
     AuthenticationError,
+    EngineError,
     EngineUnavailableError,
     ExecboxError,
     ImageNotFoundError,
@@ -118,6 +119,8 @@ def error_from(
         return ImageNotFoundError(message)
     if kind == "engine_unavailable":
         return EngineUnavailableError(message)
+    if kind == "engine_error":
+        return EngineError(message)
     if kind == "sandbox_error":
         return SandboxError(message)
     if status == 401:
@@ -244,7 +247,11 @@ class Client(_Base):
         headers = {"Accept": "text/event-stream"}
         try:
             with self._http.stream(
-                "POST", "/v1/execute", json=body, headers=headers, timeout=self._timeout(_read_timeout(body, self.slack))
+                "POST",
+                "/v1/execute",
+                json=body,
+                headers=headers,
+                timeout=self._timeout(_read_timeout(body, self.slack)),
             ) as response:
                 if not response.is_success:
                     response.read()
@@ -370,7 +377,11 @@ class AsyncClient(_Base):
         headers = {"Accept": "text/event-stream"}
         try:
             async with self._http.stream(
-                "POST", "/v1/execute", json=body, headers=headers, timeout=self._timeout(_read_timeout(body, self.slack))
+                "POST",
+                "/v1/execute",
+                json=body,
+                headers=headers,
+                timeout=self._timeout(_read_timeout(body, self.slack)),
             ) as response:
                 if not response.is_success:
                     await response.aread()

@@ -3,6 +3,7 @@ SSRF defaults, readiness. Each test runs its own real uvicorn server over the re
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import pytest
 from execbox.engine.base import Engine
 from execbox.server.auth import hash_key
 
-from .serverkit import KEY_A, LiveServer, live_server, metric, settings, write_tenants
+from .serverkit import KEY_A, LiveServer, Receiver, live_server, metric, settings, write_tenants
 
 pytestmark = pytest.mark.docker
 
@@ -155,3 +156,18 @@ def test_readyz_fails_when_the_image_is_missing(engine: Engine, tmp_path: Path) 
             assert r.status_code == 503 and r.json()["checks"]["image"].startswith("missing")
             r = c.post("/v1/execute", json={"code": "1"})
             assert r.status_code == 503 and error_of(r)["type"] == "image_not_found" and "retry-after" in r.headers
+
+
+def test_shutdown_finishes_running_jobs_and_fails_queued_ones(engine: Engine, tmp_path: Path) -> None:
+    s = settings(write_tenants(tmp_path), max_concurrent=1)
+    with Receiver() as hook:
+        with live_server(engine, s) as srv, srv.client(KEY_A) as c:
+            running = c.post("/v1/executions", json={**LONG, "callback_url": hook.url}).json()["id"]
+            wait_for(lambda: c.get(f"/v1/executions/{running}").json()["status"] == "running", "the job to start")
+            queued = c.post("/v1/executions", json={"code": "1", "callback_url": hook.url}).json()["id"]
+            assert c.get(f"/v1/executions/{queued}").json()["status"] == "queued"
+            srv.server.should_exit = True  # what uvicorn's SIGTERM handler does
+            srv.thread.join(60)
+        by_id = {json.loads(body)["id"]: json.loads(body) for _, body in hook.received}
+    assert by_id[running]["status"] == "completed" and by_id[running]["result"]["stdout"] == "done\n"
+    assert by_id[queued]["status"] == "failed" and by_id[queued]["error"]["type"] == "shutting_down"

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..exceptions import (
+    EngineError,
     EngineUnavailableError,
     ExecboxError,
     ImageNotFoundError,
@@ -70,6 +71,8 @@ def from_library(exc: ExecboxError, image_requested: bool = False) -> ApiError:
         return ApiError(503, "image_not_found", "the sandbox image is not built on this server", retry_after=30)
     if isinstance(exc, EngineUnavailableError):
         return ApiError(503, "engine_unavailable", "the container engine does not answer", retry_after=5)
+    if isinstance(exc, EngineError):
+        return ApiError(503, "engine_error", f"the container engine failed: {exc}", retry_after=5)
     if isinstance(exc, SandboxError):
         return ApiError(500, "sandbox_error", str(exc))
     return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}")
