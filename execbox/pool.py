@@ -204,11 +204,16 @@ class Pool:
         max_idle_age: float = 300.0,
         refill_concurrency: int = 2,
         ready_timeout: float = 30.0,
+        refill_delay: float = 0.05,
     ) -> None:
         self.factory = factory
         self.max_total = max_total
         self.max_idle_age = max_idle_age
         self.ready_timeout = ready_timeout
+        # Creating a container costs 100+ ms of CPU in dockerd/containerd/runc: start
+        # refilling a moment after a hand-out, not while the run it serves is starting.
+        self.refill_delay = refill_delay
+        self._last_handout = 0.0
         self._targets: dict[Profile, int] = {}
         self._ready: dict[Profile, deque[Sandbox]] = {}
         self._creating: dict[Profile, int] = {}
@@ -249,6 +254,7 @@ class Pool:
             if sb.channel.alive():
                 with self._lock:
                     self._stats.hits += 1
+                    self._last_handout = time.monotonic()
                 return sb, True
             with self._lock:
                 self._stats.dead += 1
@@ -331,6 +337,9 @@ class Pool:
                 return
             if self._backoff:
                 time.sleep(self._backoff)
+            quiet = self._last_handout + self.refill_delay - time.monotonic()
+            if quiet > 0:
+                time.sleep(quiet)
             expired: list[Sandbox] = []
             launches: list[Profile] = []
             now = time.monotonic()

@@ -18,4 +18,9 @@ export EXECBOX_REQUIRE_DOCKER=1
 
 .venv/bin/ruff check execbox tests bench
 .venv/bin/mypy
-exec .venv/bin/pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/pytest -q "$@"
+fi
+.venv/bin/pytest -q -m "not disruptive"
+# Restarts dockerd: alone, after everything else.
+.venv/bin/pytest -q -m disruptive
