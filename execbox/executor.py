@@ -146,7 +146,7 @@ class Executor:
             "timeout": limits.timeout,
             "output_bytes": limits.output_bytes,
         }
-        profile = Profile.of(runtime, request.image or self.image, limits)
+        profile = Profile.of(runtime, self.resolve_image(request.image), limits)
         payload["warm"] = runtime.warm_ok(request.env)
         started = time.monotonic()
         try:
@@ -180,6 +180,10 @@ class Executor:
             },
         )
         return result
+
+    def resolve_image(self, name: str | None) -> str:
+        """The image tag a request's ``image`` names (the executor's default when unset)."""
+        return name or self.image
 
     def resolve_limits(self, request: ExecutionRequest) -> Limits:
         """The request's limits over the defaults, checked against the maximum."""
