@@ -332,3 +332,24 @@ def test_a_failed_job_raises_its_error_from_wait() -> None:
     job = job.model_copy(update={"error": ErrorBody(type="shutting_down", message="bye")})
     with pytest.raises(ServiceError, match="bye"):
         _job_result(job)
+
+
+def test_settings_come_from_execbox_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from execbox.settings import Settings
+
+    monkeypatch.setenv("EXECBOX_TENANTS_FILE", str(tmp_path / "t.toml"))
+    monkeypatch.setenv("EXECBOX_MAX_CONCURRENT", "7")
+    monkeypatch.setenv("EXECBOX_API_KEYS", '{"ci": "sha256:' + "0" * 64 + '"}')
+    s = Settings()
+    assert (s.tenants_file, s.max_concurrent, s.api_keys) == (tmp_path / "t.toml", 7, {"ci": "sha256:" + "0" * 64})
+    assert (s.host, s.port, s.no_auth, s.allow_private_callbacks) == ("127.0.0.1", 8080, False, False)
+    assert Settings(max_concurrent=2).max_concurrent == 2  # explicit values win
+
+
+def test_key_helper_prints_a_key_and_its_hash(capsys: pytest.CaptureFixture[str]) -> None:
+    from execbox.server.auth import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out.split()
+    key, digest = out[1], out[3]
+    assert key.startswith("xbx_") and len(key) > 30 and digest == hash_key(key)
