@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -156,7 +157,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         ws="none",
         server_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
+        # None would wait for ever: a grace of 0 still means "do not wait".
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace)),
     )
     server = uvicorn.Server(config)
     server.run()
