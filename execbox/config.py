@@ -18,6 +18,7 @@ class ExecutorConfig(BaseModel):
     default_limits: Limits = Field(default_factory=lambda: Limits())
     max_limits: Limits = Field(default_factory=lambda: DEFAULT_MAX_LIMITS)
     max_code_bytes: int = Field(1 << 20, gt=0, description="Largest accepted program source, in bytes.")
+    max_state_bytes: int = Field(256 << 10, gt=0, description="Largest state given to a run, as JSON.")
     kill_grace: float = Field(
         1.0, ge=0, description="Seconds after the timeout before the host kills a sandbox whose agent did not."
     )

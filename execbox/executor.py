@@ -20,7 +20,8 @@ from .images import default_image
 from .models import ExecutionRequest, ExecutionResult, Limits
 from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory, UidAllocator
 from .reaper import sweep
-from .runtimes import get_runtime
+from .runtimes import Runtime, get_runtime
+from .state import StateStore, check_id, extract_state, state_env
 
 __all__ = ["Executor", "OutputCallback"]
 
@@ -61,7 +62,14 @@ class Executor:
     ...     r = ex.execute('console.log(process.env.KEY)', env={"KEY": "v"})
     """
 
-    def __init__(self, engine: Engine | None = None, config: ExecutorConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        config: ExecutorConfig | None = None,
+        *,
+        state_store: StateStore | None = None,
+        **options: Any,
+    ) -> None:
         if config is None:
             try:
                 config = ExecutorConfig(**options)
@@ -76,6 +84,7 @@ class Executor:
         self.engine = engine
         self.config = config
         self.image = config.image or default_image()
+        self.state_store = state_store
         self._closed = False
         if config.sweep_on_start:
             sweep(engine)
@@ -101,53 +110,88 @@ class Executor:
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
         on_output: OutputCallback | None = None,
+        tenant: str = "default",
+        **fields: Any,
     ) -> ExecutionResult:
-        """Run ``code`` once in a new container and return what it produced."""
+        """Run ``code`` once in a new container and return what it produced.
+
+        ``fields`` are those of ``ExecutionRequest``: stdin, files, timeout, limits,
+        image, state, user_id, persist_state, ...
+        """
         try:
-            request = ExecutionRequest.model_validate(
-                {
-                    "code": code,
-                    "language": language,
-                    "env": env or {},
-                    "stdin": stdin,
-                    "files": files or {},
-                    "timeout": timeout,
-                    "limits": limits,
-                    "image": image,
-                }
-            )
+            request = ExecutionRequest.model_validate({"code": code, "language": language, "env": env or {}, **fields})
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
-        return self.run(request, on_output=on_output)
+        return self.run(request, on_output=on_output, tenant=tenant)
 
-    def run(self, request: ExecutionRequest, on_output: OutputCallback | None = None) -> ExecutionResult:
-        """Run a validated request (see ``execute``)."""
+    def run(
+        self, request: ExecutionRequest, on_output: OutputCallback | None = None, *, tenant: str = "default"
+    ) -> ExecutionResult:
+        """Run a validated request (see ``execute``); ``tenant`` namespaces stored state."""
         if self._closed:
             raise InvalidRequestError("executor", "this executor is closed")
+        check_id("tenant", tenant)
         runtime = get_runtime(request.language)
         limits = self.resolve_limits(request)
         if len(request.code.encode()) > self.config.max_code_bytes:
             raise InvalidRequestError("code", f"larger than {self.config.max_code_bytes} bytes")
+        store = self.state_store
+        user = request.user_id
+        persist = request.persist_state
+        if persist and user is None:
+            raise InvalidRequestError("user_id", "required with persist_state")
+        if persist and store is None:
+            raise InvalidRequestError("persist_state", "this executor has no state store")
+        image = self.resolve_image(request.image)
+        if request.state is not None:  # refuse bad state before any container exists
+            state_env(request.state, self.config.max_state_bytes)
+        if not persist:
+            return self._run_once(request, runtime, limits, image, request.state, on_output)
+        assert store is not None and user is not None
+        # One stateful run per user at a time (the lock lives in the store, so it
+        # holds across replicas; its lease bounds a crashed holder).
+        with store.lock(tenant, user, lease=limits.timeout + 60, wait=limits.timeout + 60):
+            state_in = request.state
+            if state_in is None:
+                stored = store.get(tenant, user)
+                state_in = stored.value if stored is not None else None
+            result = self._run_once(request, runtime, limits, image, state_in, on_output)
+            ok = result.exit_code == 0 and not result.timed_out and result.state_error is None
+            if ok and result.state is not None:
+                try:
+                    store.put(tenant, user, result.state)
+                    result.state_saved = True
+                except InvalidRequestError as exc:
+                    result.state_error = exc.message
+        return result
+
+    def _run_once(
+        self,
+        request: ExecutionRequest,
+        runtime: Runtime,
+        limits: Limits,
+        image: str,
+        state: Any,
+        on_output: OutputCallback | None,
+    ) -> ExecutionResult:
         exec_id = uuid.uuid4().hex[:16]
+        env = runtime.environment(request.env)
+        if state is not None:
+            env.update(state_env(state, self.config.max_state_bytes))
         payload = {
             "argv": list(runtime.argv),
             "filename": runtime.filename,
             "code": request.code,
-            "env": runtime.environment(request.env),
+            "env": env,
             "stdin": base64.b64encode(request.stdin.encode()).decode() if request.stdin else None,
             "files": {p: base64.b64encode(t.encode()).decode() for p, t in request.files.items()},
             "workdir": WORKDIR,
             "timeout": limits.timeout,
             "output_bytes": limits.output_bytes,
+            "warm": runtime.warm_ok(request.env),
         }
-        profile = Profile.of(runtime, self.resolve_image(request.image), limits)
-        payload["warm"] = runtime.warm_ok(request.env)
+        profile = Profile.of(runtime, image, limits)
         started = time.monotonic()
         try:
             if self.pool is not None:
@@ -167,6 +211,7 @@ class Executor:
             else:
                 self.factory.destroy(sb)
         result.language = runtime.name
+        result.stdout, result.state, result.state_error, _ = extract_state(result.stdout)
         log.info(
             "execution %s finished",
             exec_id,

@@ -70,6 +70,9 @@ def _dockerfile(base: str) -> str:
     return (
         f"FROM {base}\n"
         f"COPY files/ {SANDBOX_DIR}/\n"
+        # The state helpers, importable as `execbox_state` / `require('execbox-state')`.
+        "COPY files/execbox_state.py /usr/lib/python3/dist-packages/execbox_state.py\n"
+        "COPY files/execbox-state.js /usr/share/nodejs/execbox-state/index.js\n"
         "ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8\n"
         "WORKDIR /work\n"
         f'CMD ["python3", "-I", "-S", "{SANDBOX_DIR}/agent.py"]\n'

@@ -80,6 +80,26 @@ class ExecutionRequest(BaseModel):
     timeout: float | None = Field(None, gt=0, description="Wall-clock limit in seconds (overrides limits.timeout).")
     limits: Limits | None = Field(None, description="Per-run limits; unset fields take the executor's defaults.")
     image: str | None = Field(None, description="Sandbox image; the executor's default when unset.")
+    state: Any = Field(
+        None,
+        description="JSON state given to the program (env EXECBOX_STATE, and STATE_<KEY> for scalar keys);"
+        " the program hands state back by printing a line OUTPUT_STATE:<json>.",
+    )
+    user_id: str | None = Field(None, description="The end user the run is for (state store, volume).")
+    persist_state: bool = Field(
+        False,
+        description="Load the user's state from the state store before the run and save result.state after a"
+        " successful run (exit 0, no timeout). Runs of one user with this flag are serialized.",
+    )
+
+    @field_validator("user_id")
+    @classmethod
+    def _user_id(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .state.base import check_id
+
+            check_id("user_id", v)
+        return v
 
     @field_validator("code")
     @classmethod
@@ -125,3 +145,6 @@ class ExecutionResult(BaseModel):
     oom_killed: bool = False
     output_truncated: bool = Field(False, description="Some output beyond limits.output_bytes was dropped.")
     sandbox_id: str = Field("", description="Id of the container that ran the code (used once, then removed).")
+    state: Any = Field(None, description="The state the program handed back (its last OUTPUT_STATE: line).")
+    state_error: str | None = Field(None, description="Why the handed-back state was not accepted or saved.")
+    state_saved: bool = Field(False, description="The state was saved to the state store (persist_state).")

@@ -66,3 +66,36 @@ def executor(request: pytest.FixtureRequest, engine: Engine) -> Iterator[Executo
     for cid in left:
         engine.remove(cid)
     assert not left, f"test leaked {len(left)} containers"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis on loopback: EXECBOX_TEST_REDIS_URL (scripts/test.sh starts one), or a private one."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    url = os.environ.get("EXECBOX_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if shutil.which("redis-server") is None:
+        _unavailable("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait()
