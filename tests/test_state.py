@@ -127,7 +127,8 @@ def test_state_helpers_in_both_languages(executor: Executor) -> None:
     )
     assert py.state == {"n": 42} and py.stdout == ""
     js = executor.execute(
-        "const { loadState, saveState } = require('execbox-state');\nconst s = loadState({n: 0}); s.n += 1; saveState(s)"
+        "const { loadState, saveState } = require('execbox-state');\n"
+        "const s = loadState({n: 0}); s.n += 1; saveState(s)"
     )
     assert js.state == {"n": 1}
     bad = executor.execute("console.log('OUTPUT_STATE:{broken')")
