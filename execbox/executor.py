@@ -119,6 +119,9 @@ class Executor:
         ``fields`` are those of ``ExecutionRequest``: stdin, files, timeout, limits,
         image, state, user_id, persist_state, ...
         """
+        files = fields.get("files")
+        if isinstance(files, dict):  # text is welcome here (the model itself takes bytes or base64)
+            fields["files"] = {p: c.encode() if isinstance(c, str) else c for p, c in files.items()}
         try:
             request = ExecutionRequest.model_validate({"code": code, "language": language, "env": env or {}, **fields})
         except pydantic.ValidationError as exc:
@@ -185,7 +188,8 @@ class Executor:
             "code": request.code,
             "env": env,
             "stdin": base64.b64encode(request.stdin.encode()).decode() if request.stdin else None,
-            "files": {p: base64.b64encode(t.encode()).decode() for p, t in request.files.items()},
+            "files": {p: base64.b64encode(data).decode() for p, data in request.files.items()},
+            "collect": request.collect,
             "workdir": WORKDIR,
             "timeout": limits.timeout,
             "output_bytes": limits.output_bytes,
@@ -281,6 +285,9 @@ class Executor:
         meta: dict[str, Any] | None = None
         agent_error: str | None = None
         killed_by_host = False
+        files: dict[str, bytes] = {}
+        files_budget = limits.output_bytes
+        files_truncated = False
         deadline = time.monotonic() + limits.timeout + self.config.kill_grace
         try:
             while meta is None and agent_error is None:
@@ -310,6 +317,13 @@ class Executor:
                         break
                     elif kind == b"K":
                         continue
+                    elif kind == b"F":
+                        path, _, content = body.partition(b"\0")
+                        if len(content) <= files_budget and len(files) < 1000:
+                            files[path.decode("utf-8", "replace")] = content
+                            files_budget -= len(content)
+                        else:
+                            files_truncated = True
                     else:
                         agent_error = body.decode("utf-8", "replace")
                         break
@@ -351,6 +365,8 @@ class Executor:
             or err.truncated
             or bool(meta and (meta.get("stdout_truncated") or meta.get("stderr_truncated"))),
             sandbox_id=sid,
+            files=files,
+            files_truncated=files_truncated or bool(meta and meta.get("files_truncated")),
         )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 __all__ = ["ExecutionRequest", "ExecutionResult", "Limits", "parse_size"]
 
@@ -30,6 +32,32 @@ def parse_size(value: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _b64_in(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("file content must be base64") from None
+    raise ValueError("file content must be base64 text or bytes")
+
+
+# Bytes in Python, base64 in JSON (the API); a str given to the model is base64.
+FileBytes = Annotated[
+    bytes, BeforeValidator(_b64_in), PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str)
+]
+MAX_COLLECT_PATTERNS = 32
+
+
+def check_rel_path(path: str, what: str = "path") -> str:
+    """A relative path that stays inside the working directory."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+        raise ValueError(f"invalid {what} {path!r}: use a relative path without '..'")
+    return path
 
 
 class Limits(BaseModel):
@@ -74,8 +102,17 @@ class ExecutionRequest(BaseModel):
         default_factory=dict, description="Environment variables for this run only (credentials go here)."
     )
     stdin: str | None = Field(None, description="Text given to the program on standard input.")
-    files: dict[str, str] = Field(
-        default_factory=dict, description="Extra text files written into the working directory before the run."
+    files: dict[str, FileBytes] = Field(
+        default_factory=dict,
+        description="Files written into the working directory before the run: path -> content"
+        " (base64 in JSON; bytes, or text via Executor.execute, in Python).",
+    )
+    collect: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_COLLECT_PATTERNS,
+        description="Glob patterns (relative to the working directory; '*' within a name, '**' across"
+        " directories) of files to return in result.files. Symlinks are never followed; the total is capped"
+        " by limits.output_bytes.",
     )
     timeout: float | None = Field(None, gt=0, description="Wall-clock limit in seconds (overrides limits.timeout).")
     limits: Limits | None = Field(None, description="Per-run limits; unset fields take the executor's defaults.")
@@ -122,11 +159,16 @@ class ExecutionRequest(BaseModel):
 
     @field_validator("files")
     @classmethod
-    def _file_paths(cls, v: dict[str, str]) -> dict[str, str]:
+    def _file_paths(cls, v: dict[str, bytes]) -> dict[str, bytes]:
         for path in v:
-            parts = path.split("/")
-            if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
-                raise ValueError(f"invalid file path {path!r}: use a relative path without '..'")
+            check_rel_path(path, "file path")
+        return v
+
+    @field_validator("collect")
+    @classmethod
+    def _collect_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            check_rel_path(pattern, "collect pattern")
         return v
 
 
@@ -148,3 +190,7 @@ class ExecutionResult(BaseModel):
     state: Any = Field(None, description="The state the program handed back (its last OUTPUT_STATE: line).")
     state_error: str | None = Field(None, description="Why the handed-back state was not accepted or saved.")
     state_saved: bool = Field(False, description="The state was saved to the state store (persist_state).")
+    files: dict[str, FileBytes] = Field(
+        default_factory=dict, description="Files matched by the request's collect patterns (base64 in JSON)."
+    )
+    files_truncated: bool = Field(False, description="Some matching files were left out (size or count cap).")

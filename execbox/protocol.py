@@ -10,7 +10,7 @@ from .exceptions import SandboxError
 __all__ = ["FrameDecoder", "KINDS"]
 
 _HEAD = struct.Struct(">cI")
-KINDS = {b"K", b"O", b"E", b"R", b"X"}
+KINDS = {b"K", b"O", b"E", b"F", b"R", b"X"}
 
 
 class FrameDecoder:

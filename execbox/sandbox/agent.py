@@ -15,7 +15,8 @@ It serves exactly one execution and exits:
 5. writes a final result frame and exits with the program's exit code.
 
 Frames: one type byte, a big-endian uint32 length, then the payload.
-``K`` ready, ``O`` stdout bytes, ``E`` stderr bytes, ``R`` result (JSON), ``X`` agent error (UTF-8).
+``K`` ready, ``O`` stdout bytes, ``E`` stderr bytes, ``F`` a collected file (path, NUL, content),
+``R`` result (JSON), ``X`` agent error (UTF-8).
 
 The agent is not trusted by the host: the host enforces its own time limit and
 byte caps, and only the program's own run can be misreported by a program that
@@ -111,6 +112,72 @@ def _write_files(workdir: str, req: dict[str, Any]) -> None:
     path = _safe_path(workdir, req["filename"])
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(req["code"])
+
+
+def _glob_re(pattern: str) -> Any:
+    import re
+
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _collect(workdir: str, patterns: list[str], cap: int, out: Out) -> bool:
+    """Send regular files under workdir matching the patterns; True if some were left out.
+
+    Symlinks are never followed (neither directories nor files), so nothing
+    outside the working directory can be reached.
+    """
+    import stat
+
+    regexes = [_glob_re(p) for p in patterns]
+    budget, count, left_out = cap, 0, False
+    for root, dirs, files in os.walk(workdir, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, workdir)
+            if not any(r.match(rel) for r in regexes):
+                continue
+            try:
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # a symlink (ELOOP), a FIFO without writer, unreadable
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if st.st_size > budget or count >= 1000:
+                    left_out = True
+                    continue
+                data = b""
+                while len(data) < st.st_size:
+                    chunk = os.read(fd, st.st_size - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            finally:
+                os.close(fd)
+            budget -= len(data)
+            count += 1
+            out.send(b"F", rel.encode("utf-8", "surrogateescape") + b"\0" + data)
+    return left_out
 
 
 def _kill_session(pid: int) -> None:
@@ -268,6 +335,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None) -> int:
     os.close(pidfd)
     signum = -status if status < 0 else None
     exit_code = 128 + signum if signum else status
+    files_truncated = _collect(workdir, req["collect"], cap, out) if req.get("collect") else False
     result = {
         "exit_code": exit_code,
         "signal": signum,
@@ -276,6 +344,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None) -> int:
         "stderr_truncated": truncated[b"E"],
         "duration_ms": round(duration * 1000, 3),
         "oom_kills": max(_oom_kills() - oom_before, 0),
+        "files_truncated": files_truncated,
     }
     out.send(b"R", json.dumps(result).encode())
     return exit_code
