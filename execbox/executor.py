@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import pydantic
 
 from .config import ExecutorConfig
+from .egress import Egress, EgressGrant, EgressSettings
 from .engine.base import STDERR, Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
@@ -68,6 +70,8 @@ class Executor:
         config: ExecutorConfig | None = None,
         *,
         state_store: StateStore | None = None,
+        egress: Egress | EgressSettings | None = None,
+        proxy_host_map: dict[str, str] | None = None,
         **options: Any,
     ) -> None:
         if config is None:
@@ -85,6 +89,13 @@ class Executor:
         self.config = config
         self.image = config.image or default_image()
         self.state_store = state_store
+        # Egress starts (proxy, network, firewall) on the first run that asks for it.
+        self._egress_lock = threading.Lock()
+        self._egress: Egress | None = egress if isinstance(egress, Egress) else None
+        self._owns_egress = self._egress is None
+        self._egress_settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
+        if proxy_host_map:
+            self._egress_settings = self._egress_settings.model_copy(update={"host_map": proxy_host_map})
         self._closed = False
         if config.sweep_on_start:
             sweep(engine)
@@ -149,8 +160,14 @@ class Executor:
         image = self.resolve_image(request.image)
         if request.state is not None:  # refuse bad state before any container exists
             state_env(request.state, self.config.max_state_bytes)
+        proxied = request.network is not None and request.network.mode == "proxy"
+        if request.secrets and not proxied:
+            raise InvalidRequestError("secrets", "secrets need network mode 'proxy' (nothing else could use them)")
+        for name in request.secrets:
+            if name in request.env:
+                raise InvalidRequestError(f"secrets.{name}", "also given in env: a name is either a secret or not")
         if not persist:
-            return self._run_once(request, runtime, limits, image, request.state, on_output)
+            return self._run_once(request, runtime, limits, image, request.state, on_output, tenant)
         assert store is not None and user is not None
         # One stateful run per user at a time (the lock lives in the store, so it
         # holds across replicas; its lease bounds a crashed holder).
@@ -159,7 +176,7 @@ class Executor:
             if state_in is None:
                 stored = store.get(tenant, user)
                 state_in = stored.value if stored is not None else None
-            result = self._run_once(request, runtime, limits, image, state_in, on_output)
+            result = self._run_once(request, runtime, limits, image, state_in, on_output, tenant)
             ok = result.exit_code == 0 and not result.timed_out and result.state_error is None
             if ok and result.state is not None:
                 try:
@@ -177,25 +194,52 @@ class Executor:
         image: str,
         state: Any,
         on_output: OutputCallback | None,
+        tenant: str,
     ) -> ExecutionResult:
         exec_id = uuid.uuid4().hex[:16]
-        env = runtime.environment(request.env)
+        grant = None
+        if request.network is not None and request.network.mode == "proxy":
+            grant = self.egress.prepare(
+                exec_id, request.network, request.secrets, tenant=tenant, user_id=request.user_id
+            )
+        try:
+            return self._run_sandbox(exec_id, request, runtime, limits, image, state, on_output, grant)
+        finally:
+            if grant is not None:
+                self.egress.finish(exec_id)
+
+    def _run_sandbox(
+        self,
+        exec_id: str,
+        request: ExecutionRequest,
+        runtime: Runtime,
+        limits: Limits,
+        image: str,
+        state: Any,
+        on_output: OutputCallback | None,
+        grant: EgressGrant | None,
+    ) -> ExecutionResult:
+        user_env = {**request.env, **(grant.env if grant is not None else {})}
+        env = runtime.environment(user_env)
         if state is not None:
             env.update(state_env(state, self.config.max_state_bytes))
+        files = dict(request.files)
+        if grant is not None:
+            files.update({p: text.encode() for p, text in grant.files.items()})
         payload = {
             "argv": list(runtime.argv),
             "filename": runtime.filename,
             "code": request.code,
             "env": env,
             "stdin": base64.b64encode(request.stdin.encode()).decode() if request.stdin else None,
-            "files": {p: base64.b64encode(data).decode() for p, data in request.files.items()},
+            "files": {p: base64.b64encode(data).decode() for p, data in files.items()},
             "collect": request.collect,
             "workdir": WORKDIR,
             "timeout": limits.timeout,
             "output_bytes": limits.output_bytes,
-            "warm": runtime.warm_ok(request.env),
+            "warm": runtime.warm_ok(user_env),
         }
-        profile = Profile.of(runtime, image, limits)
+        profile = Profile.of(runtime, image, limits, grant.network if grant is not None else "none")
         started = time.monotonic()
         try:
             if self.pool is not None:
@@ -216,6 +260,8 @@ class Executor:
                 self.factory.destroy(sb)
         result.language = runtime.name
         result.stdout, result.state, result.state_error, _ = extract_state(result.stdout)
+        if grant is not None:
+            result.network_log = self.egress.log(exec_id)
         log.info(
             "execution %s finished",
             exec_id,
@@ -246,6 +292,14 @@ class Executor:
             )
         return limits
 
+    @property
+    def egress(self) -> Egress:
+        """The egress subsystem (created on first use; started by its first run)."""
+        with self._egress_lock:
+            if self._egress is None:
+                self._egress = Egress(self.engine, self._egress_settings)
+            return self._egress
+
     def pool_stats(self) -> PoolStats | None:
         return self.pool.stats() if self.pool is not None else None
 
@@ -260,6 +314,8 @@ class Executor:
             self.pool.close()
         for sb in self.factory.live():
             self.factory.destroy(sb)
+        if self._owns_egress and self._egress is not None:
+            self._egress.close()
 
     def __enter__(self) -> Executor:
         return self

@@ -13,11 +13,11 @@ from __future__ import annotations
 from .engine.base import SandboxSpec
 from .images import SANDBOX_DIR
 from .models import Limits
+from .runtimes import WORKDIR
 from .seccomp import profile_json
 
 __all__ = ["AGENT_COMMAND", "WORKDIR", "sandbox_spec"]
 
-WORKDIR = "/work"
 AGENT_COMMAND = ("python3", "-I", "-S", f"{SANDBOX_DIR}/agent.py")
 
 

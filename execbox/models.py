@@ -9,6 +9,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
+from .egress.models import NetworkLogEntry, Secret
+from .egress.policy import NetworkPolicy
+
 __all__ = ["ExecutionRequest", "ExecutionResult", "Limits", "parse_size"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
@@ -123,6 +126,16 @@ class ExecutionRequest(BaseModel):
         " the program hands state back by printing a line OUTPUT_STATE:<json>.",
     )
     user_id: str | None = Field(None, description="The end user the run is for (state store, volume).")
+    network: NetworkPolicy | None = Field(
+        None,
+        description="Egress: none by default (no network at all). mode='proxy' puts the run behind the egress"
+        " proxy with this policy (allow/deny host patterns, deny wins, default deny).",
+    )
+    secrets: dict[str, Secret] = Field(
+        default_factory=dict,
+        description="Secrets the program never sees: env var NAME holds a placeholder that the proxy replaces"
+        " with the real value only on requests to the secret's hosts (needs network mode 'proxy').",
+    )
     persist_state: bool = Field(
         False,
         description="Load the user's state from the state store before the run and save result.state after a"
@@ -194,3 +207,6 @@ class ExecutionResult(BaseModel):
         default_factory=dict, description="Files matched by the request's collect patterns (base64 in JSON)."
     )
     files_truncated: bool = Field(False, description="Some matching files were left out (size or count cap).")
+    network_log: list[NetworkLogEntry] = Field(
+        default_factory=list, description="One entry per request through the egress proxy (headers redacted)."
+    )

@@ -8,9 +8,11 @@ from .exceptions import InvalidRequestError
 
 __all__ = ["RUNTIMES", "Runtime", "get_runtime"]
 
+WORKDIR = "/work"  # the program's working directory (a tmpfs) and HOME
+
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "HOME": "/work",
+    "HOME": WORKDIR,
     "TMPDIR": "/tmp",
     "LANG": "C.UTF-8",
 }

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..engine.base import Engine
 from ..exceptions import InvalidRequestError
-from ..hardening import WORKDIR
+from ..runtimes import WORKDIR
 from .hooks import EgressHook, load_hooks
 from .models import EgressGrant, EgressSettings, NetworkLogEntry, Secret
 from .policy import NetworkPolicy

@@ -1,0 +1,104 @@
+"""Egress through the Executor: `network=` and `secrets=` on a run, `result.network_log`.
+
+A real proxy, real sandboxes, a real upstream on loopback mapped to a test hostname."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from execbox import Executor, InvalidRequestError
+from execbox.engine.base import Engine
+from tests.conftest import ours
+
+from .egress_support import OTHER_HOST, PLAIN_HOST, Upstream, start_upstream
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    up = start_upstream()
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def ex(engine: Engine, upstream: Upstream) -> Iterator[Executor]:
+    target = f"127.0.0.1:{upstream.port}"
+    executor = Executor(engine=engine, pool=False, proxy_host_map={PLAIN_HOST: target, OTHER_HOST: target})
+    yield executor
+    executor.close()
+    assert ours(engine) == []
+
+
+FETCH_PY = """
+import json, os, urllib.request, urllib.error
+def get(url, headers={}):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get('x-execbox-denied')
+print(json.dumps([
+    get('http://plain.example.test/ok', {'Authorization': 'Bearer ' + os.environ['STRIPE_KEY']}),
+    get('http://other.example.test/nope'),
+]))
+"""
+
+
+def test_policy_secrets_and_network_log(ex: Executor, upstream: Upstream) -> None:
+    before = len(upstream.hits)
+    r = ex.execute(
+        FETCH_PY,
+        language="python",
+        network={"mode": "proxy", "allow": [PLAIN_HOST]},
+        secrets={"STRIPE_KEY": {"value": "sk_live_real_secret_123", "hosts": [PLAIN_HOST]}},
+    )
+    assert r.exit_code == 0, r.stderr
+    (ok_status, echoed), (denied_status, reason) = json.loads(r.stdout)
+    assert ok_status == 200 and denied_status == 403 and reason
+    # The upstream got the real secret; the sandbox only ever saw a placeholder.
+    assert "sk_live" not in r.stdout  # the echo of the real value was scrubbed before it reached the sandbox
+    assert echoed["headers"]["authorization"].startswith("Bearer execbox-secret-")
+    assert upstream.hits[before]["headers"]["authorization"] == "Bearer sk_live_real_secret_123"
+    assert len(upstream.hits) == before + 1  # the denied request never left the proxy
+    log = r.network_log
+    assert [(e.method, e.decision) for e in log] == [("GET", "allowed"), ("GET", "denied")]
+    assert log[0].url == "http://plain.example.test/ok" and log[0].status == 200
+    assert log[0].request_headers.get("authorization") == "[REDACTED]"
+    assert "sk_live_real_secret_123" not in r.model_dump_json()
+
+
+def test_node_fetch_goes_through_the_proxy(ex: Executor) -> None:
+    r = ex.execute(
+        "fetch('http://plain.example.test/js').then(r => r.json()).then(j => console.log(j.path))",
+        network={"mode": "proxy", "allow": [PLAIN_HOST]},
+    )
+    assert (r.stdout, r.exit_code) == ("/js\n", 0), r.stderr
+    assert [e.decision for e in r.network_log] == ["allowed"]
+
+
+def test_default_is_no_network_even_with_egress_running(ex: Executor) -> None:
+    r = ex.execute(
+        "import urllib.request\ntry:\n urllib.request.urlopen('http://plain.example.test/', timeout=3)\n"
+        " print('reached')\nexcept Exception as e:\n print('failed')",
+        language="python",
+    )
+    assert r.stdout == "failed\n" and r.network_log == []
+
+
+def test_secrets_need_proxy_mode_and_distinct_names(ex: Executor) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        ex.execute("1", secrets={"K": {"value": "a-long-secret-value", "hosts": [PLAIN_HOST]}})
+    assert info.value.field == "secrets"
+    with pytest.raises(InvalidRequestError) as info:
+        ex.execute(
+            "1",
+            env={"K": "x"},
+            network={"mode": "proxy", "allow": [PLAIN_HOST]},
+            secrets={"K": {"value": "a-long-secret-value", "hosts": [PLAIN_HOST]}},
+        )
+    assert info.value.field == "secrets.K"
