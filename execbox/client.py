@@ -34,7 +34,7 @@ from .exceptions import (
     ServiceError,
     WaitTimeoutError,
 )
-from .models import ExecutionRequest, ExecutionResult, Limits
+from .models import ExecutionRequest, ExecutionResult
 from .server.schemas import ExecutionJob, Submitted
 
 __all__ = ["AsyncClient", "Client", "StreamEvent"]
@@ -53,27 +53,13 @@ class StreamEvent:
     result: ExecutionResult | None = None
 
 
-def _request(
-    code: str,
-    env: dict[str, str] | None,
-    language: str,
-    stdin: str | None,
-    files: dict[str, str] | None,
-    timeout: float | None,
-    limits: Limits | dict[str, Any] | None,
-    image: str | None,
-) -> dict[str, Any]:
+def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body for ``code``: validated here first, like ``Executor.execute`` (same errors, same fields)."""
+    files = fields.get("files")
+    if isinstance(files, dict):  # text is welcome here; the wire carries base64
+        fields["files"] = {p: c.encode() if isinstance(c, str) else c for p, c in files.items()}
     try:
-        req = ExecutionRequest(
-            code=code,
-            language=language,
-            env=env or {},
-            stdin=stdin,
-            files=files or {},
-            timeout=timeout,
-            limits=limits,
-            image=image,
-        )
+        req = ExecutionRequest.model_validate({"code": code, "language": language, "env": env or {}, **fields})
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
@@ -219,14 +205,14 @@ class Client(_Base):
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
+        **fields: Any,
     ) -> ExecutionResult:
-        """Run ``code`` on the service and return its result (the same arguments as ``Executor.execute``)."""
-        body = _request(code, env, language, stdin, files, timeout, limits, image)
+        """Run ``code`` on the service and return its result.
+
+        ``fields`` are those of ``ExecutionRequest`` (stdin, files, timeout, limits, image, state, user_id, ...),
+        as for ``Executor.execute``.
+        """
+        body = _request(code, env, language, fields)
         response = self._send("POST", "/v1/execute", _read_timeout(body, self.slack), json=body)
         return ExecutionResult.model_validate(response.json())
 
@@ -236,14 +222,10 @@ class Client(_Base):
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
+        **fields: Any,
     ) -> Iterator[StreamEvent]:
         """Run ``code`` and yield its output as it is produced; the last event is the result."""
-        body = _request(code, env, language, stdin, files, timeout, limits, image)
+        body = _request(code, env, language, fields)
         headers = {"Accept": "text/event-stream"}
         try:
             with self._http.stream(
@@ -273,15 +255,11 @@ class Client(_Base):
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
         callback_url: str | None = None,
+        **fields: Any,
     ) -> str:
         """Start an execution in the background; return its id (see ``wait``/``get``)."""
-        body = _request(code, env, language, stdin, files, timeout, limits, image)
+        body = _request(code, env, language, fields)
         if callback_url is not None:
             body["callback_url"] = callback_url
         return Submitted.model_validate(self._send("POST", "/v1/executions", None, json=body).json()).id
@@ -351,13 +329,9 @@ class AsyncClient(_Base):
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
+        **fields: Any,
     ) -> ExecutionResult:
-        body = _request(code, env, language, stdin, files, timeout, limits, image)
+        body = _request(code, env, language, fields)
         response = await self._send("POST", "/v1/execute", _read_timeout(body, self.slack), json=body)
         return ExecutionResult.model_validate(response.json())
 
@@ -367,13 +341,9 @@ class AsyncClient(_Base):
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
+        **fields: Any,
     ) -> AsyncIterator[StreamEvent]:
-        body = _request(code, env, language, stdin, files, timeout, limits, image)
+        body = _request(code, env, language, fields)
         headers = {"Accept": "text/event-stream"}
         try:
             async with self._http.stream(
@@ -403,14 +373,10 @@ class AsyncClient(_Base):
         env: dict[str, str] | None = None,
         *,
         language: str = "javascript",
-        stdin: str | None = None,
-        files: dict[str, str] | None = None,
-        timeout: float | None = None,
-        limits: Limits | dict[str, Any] | None = None,
-        image: str | None = None,
         callback_url: str | None = None,
+        **fields: Any,
     ) -> str:
-        body = _request(code, env, language, stdin, files, timeout, limits, image)
+        body = _request(code, env, language, fields)
         if callback_url is not None:
             body["callback_url"] = callback_url
         response = await self._send("POST", "/v1/executions", None, json=body)

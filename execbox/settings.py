@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     no_auth: bool = Field(False, description="Serve without API keys (local use only; loopback binds only).")
 
     image: str | None = Field(None, description="Default sandbox image (default: the locally built one).")
+    state_url: str | None = Field(
+        None, description="State store for persist_state: redis://... or sqlite:///path (none: persist_state is 422)."
+    )
     max_code_bytes: int = Field(1 << 20, gt=0, description="Largest program source; larger gives 413.")
     max_body_bytes: int = Field(8 << 20, gt=0, description="Largest request body; larger gives 413.")
 

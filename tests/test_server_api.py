@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -83,7 +84,7 @@ def test_execute_passes_stdin_files_and_limits(client: httpx.Client) -> None:
             "language": "python",
             "code": "import sys; print(sys.stdin.read(), open('d/f.txt').read()); print('x' * 5000)",
             "stdin": "in",
-            "files": {"d/f.txt": "file"},
+            "files": {"d/f.txt": base64.b64encode(b"file").decode()},
             "limits": {"output_bytes": 100, "memory": "128m"},
             "timeout": 5,
         },
@@ -192,7 +193,8 @@ def test_bad_input_is_422_naming_the_field(client: httpx.Client, server: LiveSer
         ({"code": "   "}, "code"),
         ({"language": "python"}, "code"),
         ({"code": "1", "env": {"A": 1}}, "env.A"),
-        ({"code": "1", "files": {"../x": "y"}}, "files"),
+        ({"code": "1", "files": {"../x": "eQ=="}}, "files"),
+        ({"code": "1", "files": {"x": "not base64!"}}, "files.x"),
         ([1, 2], "body"),
     ]
     for body, field in cases:

@@ -15,7 +15,7 @@ import pytest
 from execbox.engine.base import Engine
 from execbox.server.auth import hash_key
 
-from .serverkit import KEY_A, LiveServer, Receiver, live_server, metric, settings, write_tenants
+from .serverkit import KEY_A, KEY_B, LiveServer, Receiver, live_server, metric, settings, write_tenants
 
 pytestmark = pytest.mark.docker
 
@@ -171,3 +171,39 @@ def test_shutdown_finishes_running_jobs_and_fails_queued_ones(engine: Engine, tm
         by_id = {json.loads(body)["id"]: json.loads(body) for _, body in hook.received}
     assert by_id[running]["status"] == "completed" and by_id[running]["result"]["stdout"] == "done\n"
     assert by_id[queued]["status"] == "failed" and by_id[queued]["error"]["type"] == "shutting_down"
+
+
+STATEFUL = (
+    "import os, json\n"
+    "s = json.loads(os.environ.get('EXECBOX_STATE') or 'null')\n"
+    "print(json.dumps(s))\n"
+    "print('OUTPUT_STATE:' + json.dumps({'n': (s or {}).get('n', 0) + 1}))\n"
+)
+
+
+def test_stored_state_is_namespaced_by_tenant(engine: Engine, tmp_path: Path) -> None:
+    from execbox.state import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    body = {"language": "python", "code": STATEFUL, "user_id": "user-1", "persist_state": True}
+    try:
+        with live_server(engine, settings(write_tenants(tmp_path)), state_store=store) as srv:
+            with srv.client(KEY_A) as a, srv.client(KEY_B) as b:
+                first = a.post("/v1/execute", json=body).json()
+                assert first["stdout"].startswith("null") and first["state_saved"] is True, first
+                assert a.post("/v1/execute", json=body).json()["stdout"].startswith('{"n": 1}')
+                # The same user id under another tenant is another user.
+                assert b.post("/v1/execute", json=body).json()["stdout"].startswith("null")
+                assert a.post("/v1/execute", json=body).json()["stdout"].startswith('{"n": 2}')
+    finally:
+        store.close()
+
+
+def test_network_needs_the_tenants_permission(engine: Engine, tmp_path: Path) -> None:
+    with live_server(engine, settings(write_tenants(tmp_path))) as srv, srv.client(KEY_A) as c:
+        body = {"code": "1", "network": {"mode": "proxy", "allow": []}}
+        for path in ("/v1/execute", "/v1/executions"):
+            r = c.post(path, json=body)
+            assert r.status_code == 403 and error_of(r)["field"] == "network.mode", r.text
+        r = c.post("/v1/execute", json={"code": "1", "user_id": "u1", "persist_state": True})
+        assert r.status_code == 422 and error_of(r)["field"] == "persist_state"  # this server has no store

@@ -353,3 +353,10 @@ def test_key_helper_prints_a_key_and_its_hash(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out.split()
     key, digest = out[1], out[3]
     assert key.startswith("xbx_") and len(key) > 30 and digest == hash_key(key)
+
+
+def test_tenant_names_must_be_safe_ids(tmp_path: Path) -> None:
+    f = tmp_path / "t.toml"
+    f.write_text(f'[tenants."../etc"]\napi_keys = ["{hash_key("x" * 20)}"]\n')
+    with pytest.raises(ConfigurationError, match="tenant name"):
+        Authenticator.build(DEFAULT_MAX_LIMITS, tenants_file=f)

@@ -20,6 +20,7 @@ from ..exceptions import ConfigurationError
 from ..executor import Executor
 from ..models import DEFAULT_MAX_LIMITS
 from ..settings import Settings
+from ..state import open_store
 from .auth import Authenticator
 from .errors import install_error_handlers
 from .logging import configure_logging
@@ -102,9 +103,11 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
         if settings.no_auth:
             log.warning(NO_AUTH_WARNING)
         own = executor is None
+        store = None
         if own:
             config = ExecutorConfig(image=settings.image, max_code_bytes=settings.max_code_bytes)
-            service.executor = await anyio.to_thread.run_sync(lambda: Executor(config=config))
+            store = open_store(settings.state_url) if settings.state_url else None
+            service.executor = await anyio.to_thread.run_sync(lambda: Executor(config=config, state_store=store))
         else:
             service.executor = executor
         log.info("execbox service ready", extra={"in_flight": 0})
@@ -114,6 +117,8 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
             await service.shutdown(settings.shutdown_grace)
             if own and service.executor is not None:
                 await anyio.to_thread.run_sync(service.executor.close)
+            if store is not None:
+                store.close()
             log.info("execbox service stopped")
 
     app = FastAPI(title="execbox", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -38,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..exceptions import ConfigurationError, InvalidRequestError
 from ..models import Limits
 from ..runtimes import RUNTIMES, get_runtime
+from ..state.base import check_id
 
-__all__ = ["ANONYMOUS", "Authenticator", "Tenant", "TenantPolicy", "hash_key", "load_tenants_file"]
+__all__ = ["ANONYMOUS", "Authenticator", "Tenant", "TenantPolicy", "hash_key", "load_tenants_file", "sign"]
 
 log = logging.getLogger("execbox.server.auth")
 
@@ -79,6 +80,7 @@ class TenantPolicy(BaseModel):
     max_concurrent: int = Field(2, ge=1, description="Executions of this tenant running at once.")
     executions_per_minute: int = Field(60, ge=1, description="Executions started per sliding minute.")
     webhook_secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key of webhook signatures.")
+    network: bool = Field(False, description="May use egress through the policy proxy (network.mode = 'proxy').")
 
     @field_validator("api_keys")
     @classmethod
@@ -107,6 +109,10 @@ class Tenant:
     """A tenant with its policy resolved against the service's maximum limits."""
 
     def __init__(self, name: str, policy: TenantPolicy, service_max: Limits) -> None:
+        try:
+            check_id("tenant", name)  # it namespaces state, volumes and logs
+        except InvalidRequestError as exc:
+            raise ConfigurationError(f"tenant name {name!r}: {exc.message}") from None
         self.name = name
         self.policy = policy
         self.max_limits = service_max.merged(policy.max_limits)

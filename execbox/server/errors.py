@@ -23,6 +23,7 @@ from ..exceptions import (
     InvalidRequestError,
     SandboxError,
 )
+from ..state.base import StateBusyError, StateConflictError
 from .schemas import ErrorResponse
 
 __all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "from_library", "install_error_handlers", "invalid_from"]
@@ -71,6 +72,10 @@ def from_library(exc: ExecboxError, image_requested: bool = False) -> ApiError:
         return ApiError(503, "image_not_found", "the sandbox image is not built on this server", retry_after=30)
     if isinstance(exc, EngineUnavailableError):
         return ApiError(503, "engine_unavailable", "the container engine does not answer", retry_after=5)
+    if isinstance(exc, StateBusyError):
+        return ApiError(409, "state_busy", str(exc), field="user_id", retry_after=5)
+    if isinstance(exc, StateConflictError):
+        return ApiError(409, "state_conflict", str(exc), field="user_id")
     if isinstance(exc, EngineError):
         return ApiError(503, "engine_error", f"the container engine failed: {exc}", retry_after=5)
     if isinstance(exc, SandboxError):
@@ -149,6 +154,7 @@ def _doc(description: str) -> dict[str, Any]:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _doc("Missing or unknown API key."),
     403: _doc("The tenant may not use this language or image."),
+    409: _doc("Another stateful run of the same user holds its state (persist_state)."),
     413: _doc("The request body or the code is too large."),
     422: _doc("Malformed JSON, a wrong type, an unknown field, or limits above the tenant's maximum."),
     429: _doc("Over the tenant's concurrency or per-minute quota; see Retry-After."),

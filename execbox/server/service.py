@@ -7,6 +7,7 @@ runs on the event loop, so admission state needs no locks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Coroutine
@@ -87,6 +88,8 @@ class ExecutionService:
             raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
         if request.image is not None and not tenant.image_allowed(request.image, self.ex.image):
             raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
+        if request.network is not None and request.network.mode != "none" and not tenant.policy.network:
+            raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
         limits = self.resolve_limits(tenant, request)
         return request.model_copy(update={"language": runtime.name, "limits": limits, "timeout": None})
 
@@ -140,14 +143,20 @@ class ExecutionService:
 
     # -- running ------------------------------------------------------------------------------
 
-    async def run(self, request: ExecutionRequest, on_output: OutputCallback | None = None) -> ExecutionResult:
-        """Run on the executor in a worker thread; not cancellable once started (the run always finishes)."""
+    async def run(
+        self, tenant: Tenant, request: ExecutionRequest, on_output: OutputCallback | None = None
+    ) -> ExecutionResult:
+        """Run on the executor in a worker thread; not cancellable once started (the run always finishes).
+
+        The tenant's name namespaces everything the run may store (state of ``user_id``, volumes).
+        """
         executor = self.ex
         self.metrics.started()
         started = time.monotonic()
         outcome = "failed"
         try:
-            result = await anyio.to_thread.run_sync(executor.run, request, on_output, limiter=self._threads)
+            call = functools.partial(executor.run, request, on_output, tenant=tenant.name)
+            result = await anyio.to_thread.run_sync(call, limiter=self._threads)
             bind(execution_id=result.id)  # for the request's access log line
             outcome = outcome_of(result)
             return result
@@ -211,7 +220,7 @@ class ExecutionService:
                 await self.gate.acquire(bounded=False)
                 try:
                     job.status, job.started_at = "running", time.time()
-                    job.result = await self.run(job.request)
+                    job.result = await self.run(tenant, job.request)
                     job.status = "completed"
                 finally:
                     self.gate.release()

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from ...exceptions import ExecboxError
 from ...models import ExecutionRequest, ExecutionResult
+from ..auth import Tenant
 from ..deps import ServiceDep, TenantDep
 from ..errors import ERROR_RESPONSES, ApiError, from_library, invalid_from
 from ..schemas import SeedRequest, SeedResponse
@@ -33,6 +34,23 @@ _SSE_DOC = (
     "(the result object) or one `error` event (an error object) and the end of the stream."
 )
 
+_SSE_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event.",
+    "properties": {
+        "event": {
+            "type": "string",
+            "enum": ["stdout", "stderr", "result", "error"],
+            "description": "Output chunk, the final result, or the error that ended the execution.",
+        },
+        "data": {
+            "type": "string",
+            "description": 'JSON: {"data": "<text>"} for output, the result object, or {type, message, field}.',
+        },
+    },
+    "required": ["data"],
+}
+
 
 @router.post(
     "/v1/execute",
@@ -41,7 +59,7 @@ _SSE_DOC = (
     description="Runs the code in a fresh sandbox that is removed afterwards. " + _SSE_DOC,
     responses={
         **ERROR_RESPONSES,
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "The result."},
+        200: {"content": {"text/event-stream": {"schema": _SSE_SCHEMA}}, "description": "The result."},
     },
 )
 async def execute(
@@ -54,9 +72,9 @@ async def execute(
     prepared = service.prepare(tenant, body)
     admission = await service.admit(tenant)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
-        return _stream(service, prepared, admission)
+        return _stream(service, tenant, prepared, admission)
     try:
-        return await service.run(prepared)
+        return await service.run(tenant, prepared)
     finally:
         admission.release()
 
@@ -76,7 +94,7 @@ async def execute_seed(body: SeedRequest, tenant: TenantDep, service: ServiceDep
     prepared = service.prepare(tenant, request)
     admission = await service.admit(tenant)
     try:
-        result = await service.run(prepared)
+        result = await service.run(tenant, prepared)
     finally:
         admission.release()
     return SeedResponse(**result.model_dump(), output=result.stdout)
@@ -86,7 +104,9 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _stream(service: ExecutionService, prepared: ExecutionRequest, admission: Admission) -> StreamingResponse:
+def _stream(
+    service: ExecutionService, tenant: Tenant, prepared: ExecutionRequest, admission: Admission
+) -> StreamingResponse:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -99,7 +119,7 @@ def _stream(service: ExecutionService, prepared: ExecutionRequest, admission: Ad
 
     async def work() -> None:
         try:
-            result = await service.run(prepared, on_output)
+            result = await service.run(tenant, prepared, on_output)
             queue.put_nowait(("result", result))
         except ExecboxError as exc:
             queue.put_nowait(("error", from_library(exc)))
