@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,24 +158,123 @@ def _engine() -> Any:
 
 
 def _cmd_images_build(args: argparse.Namespace) -> int:
+    from .imagebuild import build_spec, host_ca_bundle, plan_spec
     from .images import build_images
 
+    specs = _specs_from_args(args)
     engine = _engine()
     engine.ping()
-    tag = build_images(engine.api, progress=lambda m: print(m, flush=True), force=args.force)
-    print(tag)
+
+    def progress(message: str) -> None:
+        print(message, flush=True)
+
+    # With specs, --force applies to them; the base images are only built when missing.
+    tag = build_images(engine.api, progress=progress, force=args.force and not specs)
+    if not specs:
+        print(tag)
+        return 0
+    if args.no_ca_bundle:
+        ca = None
+    elif args.ca_bundle is not None:
+        try:
+            ca = args.ca_bundle.read_bytes()
+        except OSError as exc:
+            raise InvalidRequestError("ca-bundle", f"cannot read {args.ca_bundle}: {exc.strerror}") from None
+    else:
+        ca = host_ca_bundle()
+    if args.print_dockerfile:
+        for spec in specs:
+            spec_tag, plan, _ = plan_spec(engine.api, spec, ca, progress)
+            print(f"# {spec_tag}\n{plan.dockerfile}")
+        return 0
+    built = []
+    for spec in specs:
+        progress(f"== image {spec.name!r} ({spec.origin}) ==")
+        t0 = time.monotonic()
+        built.append((spec.name, build_spec(engine.api, spec, progress=progress, force=args.force, ca_bundle=ca)))
+        progress(f"== image {spec.name!r}: {time.monotonic() - t0:.0f} s ==")
+    for name, spec_tag in built:
+        print(f"{name}: {spec_tag}")
     return 0
 
 
+def _specs_from_args(args: argparse.Namespace) -> list[Any]:
+    """The specs named on the command line, then the one described by flags (if any); all validated."""
+    from .imagespec import FileEntry, ImageSpec
+
+    specs = [ImageSpec.load(path) for path in args.specs]
+    flags = bool(args.apt or args.pip or args.npm or args.file or args.base or args.description)
+    if args.name is None:
+        if flags:
+            raise InvalidRequestError("name", "--name is needed to build an image from --apt/--pip/--npm/--file")
+    else:
+        files = []
+        for item in args.file:
+            dest, sep, src = item.partition("=")
+            if not sep:
+                raise InvalidRequestError("file", f"{item!r} is not /PATH/IN/IMAGE=SOURCE")
+            files.append(FileEntry(dest, Path(src).resolve()))
+        specs.append(
+            ImageSpec(
+                name=args.name,
+                description=args.description or "",
+                base=args.base,
+                apt=tuple(args.apt),
+                pip=tuple(args.pip),
+                npm=tuple(args.npm),
+                files=tuple(files),
+            )
+        )
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidRequestError("spec.name", f"more than one spec named {', '.join(dupes)}")
+    return specs
+
+
 def _cmd_images_ls(args: argparse.Namespace) -> int:
+    from .imagebuild import list_spec_images
     from .images import IMAGE_LABEL, default_image
 
     engine = _engine()
     current = default_image()
+    rows = []
     for img in engine.api.images(filters={"label": IMAGE_LABEL}):
+        role = (img.get("Labels") or {}).get(IMAGE_LABEL, "")
+        if role == "spec":
+            continue
         for tag in img.get("RepoTags") or []:
-            mark = "  (default)" if tag == current else ""
-            print(f"{tag}  {img['Size'] / 1e6:.0f} MB{mark}")
+            if tag != "<none>:<none>":
+                rows.append((tag, img["Size"], role + ("  (default)" if tag == current else "")))
+    for spec in list_spec_images(engine.api):
+        if spec.current:
+            note = f'image="{spec.name}"  {spec.packages}'
+        else:
+            note = f"{spec.name}, superseded (execbox images prune)"
+        rows.append((spec.tag, spec.size, note))
+    width = max((len(r[0]) for r in rows), default=0)
+    for tag, size, note in rows:
+        print(f"{tag:<{width}}  {size / 1e6:>5.0f} MB  {note}")
+    return 0
+
+
+def _cmd_images_rm(args: argparse.Namespace) -> int:
+    from .imagebuild import remove_spec
+
+    engine = _engine()
+    for name in args.names:
+        for ref in remove_spec(engine.api, name):
+            print(f"removed {ref}")
+    return 0
+
+
+def _cmd_images_prune(args: argparse.Namespace) -> int:
+    from .imagebuild import prune_specs
+
+    removed = prune_specs(_engine().api)
+    for ref in removed:
+        print(f"removed {ref}")
+    print(f"{len(removed)} removed")
     return 0
 
 
@@ -222,13 +322,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-auth", action="store_true", help="serve without API keys: local use on loopback only")
     serve.set_defaults(func=_cmd_serve)
 
-    images = sub.add_parser("images", help="sandbox images")
+    images = sub.add_parser("images", help="sandbox images, and package images built from specs")
     isub = images.add_subparsers(dest="images_command", required=True)
-    build = isub.add_parser("build", help="build the sandbox images from Debian packages (cached by recipe hash)")
-    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build = isub.add_parser(
+        "build",
+        help="build the sandbox images, then the package images of the SPECs / flags (cached by hash)",
+        description="Without SPEC or --name: build the sandbox images from Debian packages. With them: also "
+        "build each package image (apt/pip/npm packages and files on top of the sandbox image), unless a "
+        "build of exactly that spec exists. Run code in one with execute(..., image=NAME) or run --image NAME.",
+    )
+    build.add_argument("specs", nargs="*", metavar="SPEC", type=Path, help="image spec file (TOML)")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date (specs: without cache)")
+    build.add_argument("--name", help="build a package image from the flags below, named NAME")
+    build.add_argument("--description", help="what the image is for")
+    build.add_argument("--base", help="base image: a tag or a package image name (default: the sandbox image)")
+    build.add_argument("--apt", action="append", default=[], metavar="PKG", help="Debian package (repeatable)")
+    build.add_argument("--pip", action="append", default=[], metavar="NAME==VER", help="PyPI package, pinned")
+    build.add_argument("--npm", action="append", default=[], metavar="NAME@VER", help="npm package, pinned")
+    build.add_argument(
+        "--file", action="append", default=[], metavar="/PATH=SRC", help="add file or folder SRC at /PATH"
+    )
+    build.add_argument(
+        "--ca-bundle",
+        type=Path,
+        metavar="FILE",
+        help="CA certificates pip and npm trust in the build stage (default: this host's)",
+    )
+    build.add_argument("--no-ca-bundle", action="store_true", help="pip and npm use the image's own CAs")
+    build.add_argument("--print-dockerfile", action="store_true", help="print the generated Dockerfiles, build none")
     build.set_defaults(func=_cmd_images_build)
-    ls = isub.add_parser("ls", help="list execbox images")
+    ls = isub.add_parser("ls", help="list execbox images (package images with their name and packages)")
     ls.set_defaults(func=_cmd_images_ls)
+    rm = isub.add_parser("rm", help="remove every build of package images NAME (and their build cache)")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.set_defaults(func=_cmd_images_rm)
+    prune = isub.add_parser("prune", help="remove superseded builds of package images and unused build caches")
+    prune.set_defaults(func=_cmd_images_prune)
 
     gc = sub.add_parser("gc", help="remove orphaned execbox containers, volumes and networks")
     gc.add_argument("--all", action="store_true", help="remove every execbox resource, orphaned or not")

@@ -277,8 +277,16 @@ class Executor:
         return result
 
     def resolve_image(self, name: str | None) -> str:
-        """The image tag a request's ``image`` names (the executor's default when unset)."""
-        return name or self.image
+        """The image tag a request's ``image`` names (the executor's default when unset).
+
+        A package image's name (``"data"``, built from a spec by ``execbox images
+        build``) becomes its current build's tag; an image reference stays as it is;
+        an unknown name is an ``InvalidRequestError`` on ``image``, raised before any
+        container exists.
+        """
+        from .imagebuild import resolve_image_name
+
+        return resolve_image_name(self.engine, name or self.image)
 
     def resolve_limits(self, request: ExecutionRequest) -> Limits:
         """The request's limits over the defaults, checked against the maximum."""
