@@ -271,7 +271,8 @@ def _cmd_images_rm(args: argparse.Namespace) -> int:
 def _cmd_images_prune(args: argparse.Namespace) -> int:
     from .imagebuild import prune_specs
 
-    removed = prune_specs(_engine().api)
+    engine = _engine()
+    removed = [ref for name in args.names or [None] for ref in prune_specs(engine.api, name)]
     for ref in removed:
         print(f"removed {ref}")
     print(f"{len(removed)} removed")
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=_cmd_images_rm)
     prune = isub.add_parser("prune", help="remove superseded builds of package images and unused build caches")
+    prune.add_argument("names", nargs="*", metavar="NAME", help="only these package images (default: all)")
     prune.set_defaults(func=_cmd_images_prune)
 
     gc = sub.add_parser("gc", help="remove orphaned execbox containers, volumes and networks")

@@ -209,6 +209,11 @@ def build_spec(
         progress(f"{tag} is up to date")
     with _translated(f"tag {tag}"):
         api.tag(tag, SPEC_REPO, spec.name, force=True)
+        # When the layer cache gave back an image built for another digest (same content),
+        # one build keeps one versioned tag.
+        for other in api.inspect_image(tag).get("RepoTags") or []:
+            if other.startswith(f"{SPEC_REPO}:{spec.name}--") and other != tag:
+                api.remove_image(other)
     return tag
 
 
@@ -284,17 +289,19 @@ def remove_spec(api: Any, name: str) -> list[str]:
     return removed
 
 
-def prune_specs(api: Any) -> list[str]:
-    """Remove superseded builds (no longer what their name points at) and unused build-stage caches."""
+def prune_specs(api: Any, name: str | None = None) -> list[str]:
+    """Remove superseded builds (no longer what their name points at) and unused build-stage caches.
+
+    With ``name``, only those of that spec.
+    """
     removed: list[str] = []
-    builds = list_spec_images(api)
-    for build in builds:
-        if not build.current:
+    for build in list_spec_images(api):
+        if not build.current and name in (None, build.name):
             _remove(api, build.tag, removed)
     with _translated("list images"):
         kept = api.images(filters={"label": f"{IMAGE_LABEL}=spec"})
     stages = {((i.get("Labels") or {}).get(SPEC_LABEL), (i.get("Labels") or {}).get(STAGE_LABEL)) for i in kept}
-    for cache in _stage_caches(api):
+    for cache in _stage_caches(api, name):
         labels = cache.get("Labels") or {}
         if (labels.get(SPEC_LABEL), labels.get(STAGE_LABEL)) not in stages:
             _remove(api, cache["Id"], removed)

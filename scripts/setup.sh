@@ -44,3 +44,8 @@ fi
 log "building sandbox images (cached by recipe hash)"
 .venv/bin/execbox images build >/tmp/execbox-images-build.log 2>&1 || { tail -30 /tmp/execbox-images-build.log >&2; exit 1; }
 tail -1 /tmp/execbox-images-build.log >&2
+
+log "building package images from images/*.toml (cached by spec hash)"
+.venv/bin/execbox images build images/*.toml >/tmp/execbox-package-images-build.log 2>&1 \
+  || { tail -30 /tmp/execbox-package-images-build.log >&2; exit 1; }
+grep -E '^[a-z0-9._-]+: execbox-spec:' /tmp/execbox-package-images-build.log >&2 || true
