@@ -148,7 +148,12 @@ class EgressProxy:
         )
         assert CA_BASENAME == "mitmproxy"  # mitmproxy reads <confdir>/mitmproxy-ca.pem
         self._master = master
-        await master.run()
+        try:
+            await master.run()
+        finally:
+            # mitmproxy does not close its listening sockets on shutdown: do it here,
+            # so that a stopped proxy leaves no socket behind.
+            await server.servers.update([])
 
     def stop(self) -> None:
         """Stop the proxy and wait for its thread."""
