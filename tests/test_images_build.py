@@ -308,3 +308,22 @@ def test_shipped_specs(engine: Engine, executor: Executor, spec: str, language: 
     # Built by setup; up to date here unless the sandbox image changed since.
     build_spec(api(engine), ImageSpec.load(ROOT / "images" / f"{spec}.toml"), ca_bundle=host_ca_bundle())
     assert run(executor, spec, code, language) == expected
+
+
+def test_service_runs_package_images_a_tenant_may_name(engine: Engine, tmp_path: Path, with_packages: Built) -> None:
+    from .serverkit import KEY_A, KEY_B, TENANTS_TOML, live_server, settings, write_tenants
+
+    missing = f"not-built-{uuid.uuid4().hex[:8]}"
+    tenants = TENANTS_TOML.replace(
+        "[tenants.alpha.max_limits]", f'images = ["{with_packages.name}", "{missing}"]\n\n[tenants.alpha.max_limits]'
+    )
+    code = "console.log(require('lodash').VERSION)"
+    with live_server(engine, settings(write_tenants(tmp_path, tenants)), pool=False) as srv:
+        with srv.client(KEY_A) as c:
+            r = c.post("/v1/execute", json={"code": code, "image": with_packages.name})
+            assert r.status_code == 200 and r.json()["stdout"] == "4.17.21\n", r.text
+            r = c.post("/v1/execute", json={"code": code, "image": missing})  # allowed, but not built
+            assert r.status_code == 422 and r.json()["error"]["field"] == "image", r.text
+        with srv.client(KEY_B) as c:  # bravo may use the default image only
+            r = c.post("/v1/execute", json={"code": code, "image": with_packages.name})
+            assert r.status_code == 403 and r.json()["error"]["field"] == "image", r.text
