@@ -92,6 +92,7 @@ def test_a_spec_is_really_built_and_labelled(engine: Engine, tiny: Built) -> Non
     assert info["Config"]["Labels"][IMAGE_LABEL] == "spec"
     assert info["Config"]["Labels"][SPEC_LABEL] == tiny.name
     # The sandbox runs exactly as on the base image: same command, user, working dir, environment.
+    assert info["Config"]["Labels"]["execbox.spec.base"] == default_image()
     base = api(engine).inspect_image(default_image())
     for key in ("Cmd", "Entrypoint", "User", "WorkingDir", "Env"):
         assert info["Config"][key] == base["Config"][key], key
