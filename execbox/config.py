@@ -25,6 +25,8 @@ class ExecutorConfig(BaseModel):
     uid_base: int = Field(100_000, ge=1000, description="First UID handed to sandboxes (one per live sandbox).")
     uid_count: int = Field(100_000, ge=16)
     sweep_on_start: bool = Field(True, description="Remove orphaned execbox resources when the executor starts.")
+    data_dir: str = Field("/var/lib/execbox", description="Where execbox keeps volumes (and, in the service, state).")
+    volume_quota: int = Field(256 << 20, ge=8 << 20, description="Size of each user's volume, in bytes.")
     pool: bool = Field(True, description="Create and warm sandboxes ahead of demand (each still used once).")
     pool_languages: tuple[str, ...] = Field(
         ("python", "javascript"), description="Languages kept ready with the default limits and image."

@@ -24,6 +24,7 @@ from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory, UidAllocato
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
 from .state import StateStore, check_id, extract_state, state_env
+from .volumes import VolumeManager
 
 __all__ = ["Executor", "OutputCallback"]
 
@@ -91,6 +92,7 @@ class Executor:
         self.state_store = state_store
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
         self._egress_lock = threading.Lock()
+        self._volumes: VolumeManager | None = None
         self._egress: Egress | None = egress if isinstance(egress, Egress) else None
         self._owns_egress = self._egress is None
         self._egress_settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
@@ -157,6 +159,8 @@ class Executor:
             raise InvalidRequestError("user_id", "required with persist_state")
         if persist and store is None:
             raise InvalidRequestError("persist_state", "this executor has no state store")
+        if request.volume and user is None:
+            raise InvalidRequestError("user_id", "required with volume")
         image = self.resolve_image(request.image)
         if request.state is not None:  # refuse bad state before any container exists
             state_env(request.state, self.config.max_state_bytes)
@@ -203,7 +207,7 @@ class Executor:
                 exec_id, request.network, request.secrets, tenant=tenant, user_id=request.user_id
             )
         try:
-            return self._run_sandbox(exec_id, request, runtime, limits, image, state, on_output, grant)
+            return self._run_sandbox(exec_id, request, runtime, limits, image, state, on_output, grant, tenant)
         finally:
             if grant is not None:
                 self.egress.finish(exec_id)
@@ -218,6 +222,7 @@ class Executor:
         state: Any,
         on_output: OutputCallback | None,
         grant: EgressGrant | None,
+        tenant: str,
     ) -> ExecutionResult:
         user_env = {**request.env, **(grant.env if grant is not None else {})}
         env = runtime.environment(user_env)
@@ -239,7 +244,15 @@ class Executor:
             "output_bytes": limits.output_bytes,
             "warm": runtime.warm_ok(user_env),
         }
-        profile = Profile.of(runtime, image, limits, grant.network if grant is not None else "none")
+        volume = self.volumes.ensure(tenant, request.user_id) if request.volume and request.user_id else None
+        profile = Profile.of(
+            runtime,
+            image,
+            limits,
+            grant.network if grant is not None else "none",
+            volume=volume.name if volume else None,
+            uid=volume.uid if volume else None,
+        )
         started = time.monotonic()
         try:
             if self.pool is not None:
@@ -299,6 +312,18 @@ class Executor:
                 field, f"{getattr(limits, name)} exceeds the maximum {getattr(self.config.max_limits, name)}"
             )
         return limits
+
+    @property
+    def volumes(self) -> VolumeManager:
+        """Per-user volumes (created on first use; needs root and a Docker engine)."""
+        with self._egress_lock:
+            if self._volumes is None:
+                from pathlib import Path
+
+                self._volumes = VolumeManager(
+                    getattr(self.engine, "api", None), Path(self.config.data_dir) / "volumes", self.config.volume_quota
+                )
+            return self._volumes
 
     @property
     def egress(self) -> Egress:

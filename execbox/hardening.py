@@ -32,6 +32,7 @@ def sandbox_spec(
     labels: dict[str, str],
     network_mode: str = "none",
     command: tuple[str, ...] = AGENT_COMMAND,
+    volumes: dict[str, str] | None = None,
 ) -> SandboxSpec:
     """The create options of one sandbox under ``limits``, running as ``uid``."""
     return SandboxSpec(
@@ -52,4 +53,5 @@ def sandbox_spec(
         seccomp_json=profile_json(),
         network_mode=network_mode,
         working_dir=WORKDIR,
+        volumes=dict(volumes or {}),
     )

@@ -126,6 +126,11 @@ class ExecutionRequest(BaseModel):
         " the program hands state back by printing a line OUTPUT_STATE:<json>.",
     )
     user_id: str | None = Field(None, description="The end user the run is for (state store, volume).")
+    volume: bool = Field(
+        False,
+        description="Mount the user's own persistent volume (needs user_id) at /data, read-write, size-capped;"
+        " created on first use.",
+    )
     network: NetworkPolicy | None = Field(
         None,
         description="Egress: none by default (no network at all). mode='proxy' puts the run behind the egress"

@@ -43,10 +43,31 @@ class Profile:
     disk: int
     inodes: int
     network: str = "none"
+    volume: str | None = None  # a user's named volume, mounted at /data
+    uid: int | None = None  # fixed UID (the volume's owner); None: a fresh one per sandbox
 
     @classmethod
-    def of(cls, runtime: Runtime, image: str, limits: Limits, network: str = "none") -> Profile:
-        return cls(runtime.name, image, limits.memory, limits.cpus, limits.pids, limits.disk, limits.inodes, network)
+    def of(
+        cls,
+        runtime: Runtime,
+        image: str,
+        limits: Limits,
+        network: str = "none",
+        volume: str | None = None,
+        uid: int | None = None,
+    ) -> Profile:
+        return cls(
+            runtime.name,
+            image,
+            limits.memory,
+            limits.cpus,
+            limits.pids,
+            limits.disk,
+            limits.inodes,
+            network,
+            volume,
+            uid,
+        )
 
     def limits(self) -> Limits:
         return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids, disk=self.disk, inodes=self.inodes)
@@ -113,9 +134,15 @@ class SandboxFactory:
         if runtime.warm_argv is not None:
             warm = {"argv": list(runtime.warm_argv), "env": runtime.environment({}), "workdir": WORKDIR}
             command = (*AGENT_COMMAND, "--warm", json.dumps(warm, separators=(",", ":")))
-        uid = self.uids.acquire()
+        uid = profile.uid if profile.uid is not None else self.uids.acquire()
         spec = sandbox_spec(
-            profile.limits(), profile.image, uid, labels_for(kind, self.ttl), profile.network, command=command
+            profile.limits(),
+            profile.image,
+            uid,
+            labels_for(kind, self.ttl),
+            profile.network,
+            command=command,
+            volumes={profile.volume: "/data"} if profile.volume else None,
         )
         sid: str | None = None
         try:

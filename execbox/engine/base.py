@@ -37,6 +37,7 @@ class SandboxSpec:
     hostname: str = "sandbox"
     shm_bytes: int = 16 << 20
     env: dict[str, str] = field(default_factory=dict)  # never secrets: sandbox-wide constants only
+    volumes: dict[str, str] = field(default_factory=dict)  # named volume -> mount path (per-user data)
 
 
 @dataclass(frozen=True)

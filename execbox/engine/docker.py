@@ -14,7 +14,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig, Ulimit
+from docker.types import LogConfig, Mount, Ulimit
 
 from ..exceptions import EngineError, EngineUnavailableError, ImageNotFoundError
 from .base import STDERR, STDOUT, Channel, Engine, ResourceInfo, SandboxSpec, SandboxState
@@ -143,6 +143,7 @@ class DockerEngine(Engine):
             ipc_mode="private",
             log_config=LogConfig(type="none"),
             auto_remove=False,
+            mounts=[Mount(target=path, source=name, type="volume") for name, path in spec.volumes.items()] or None,
         )
         return host_config
 
