@@ -194,15 +194,15 @@ class ExecutionResult(BaseModel):
     """What one execution produced. Timeouts and OOM kills are fields, not exceptions."""
 
     id: str = Field(description="Execution id (also in execbox's logs).")
-    language: str
-    stdout: str = ""
-    stderr: str = ""
+    language: str = Field(description="The language the code ran as (canonical name).")
+    stdout: str = Field("", description="Standard output of the program, up to limits.output_bytes.")
+    stderr: str = Field("", description="Standard error of the program, up to limits.output_bytes.")
     exit_code: int = Field(description="The program's exit code; 128+N when killed by signal N.")
     signal: int | None = Field(None, description="Signal that ended the program, if any.")
     duration_ms: float = Field(description="Wall-clock time of the whole execution, as the caller saw it.")
     run_ms: float | None = Field(None, description="Time the program itself ran, measured in the sandbox.")
-    timed_out: bool = False
-    oom_killed: bool = False
+    timed_out: bool = Field(False, description="The program was killed because it ran past its timeout.")
+    oom_killed: bool = Field(False, description="The program was killed because it ran out of memory.")
     output_truncated: bool = Field(False, description="Some output beyond limits.output_bytes was dropped.")
     sandbox_id: str = Field("", description="Id of the container that ran the code (used once, then removed).")
     state: Any = Field(None, description="The state the program handed back (its last OUTPUT_STATE: line).")

@@ -33,7 +33,13 @@ class Settings(BaseSettings):
 
     image: str | None = Field(None, description="Default sandbox image (default: the locally built one).")
     state_url: str | None = Field(
-        None, description="State store for persist_state: redis://... or sqlite:///path (none: persist_state is 422)."
+        None, description="State store: redis://... or sqlite:///path (default: SQLite under data_dir)."
+    )
+    data_dir: str = Field("/var/lib/execbox", description="Where the service keeps state (SQLite) and volumes.")
+    proxy_host_map: dict[str, str] = Field(
+        default_factory=dict,
+        description='Egress upstream overrides as {"api.example.test": "127.0.0.1:8081"} (JSON in'
+        " EXECBOX_PROXY_HOST_MAP): the proxy sends that hostname to that address.",
     )
     max_code_bytes: int = Field(1 << 20, gt=0, description="Largest program source; larger gives 413.")
     max_body_bytes: int = Field(8 << 20, gt=0, description="Largest request body; larger gives 413.")

@@ -26,7 +26,7 @@ from .errors import install_error_handlers
 from .logging import configure_logging
 from .metrics import Metrics
 from .middleware import Guard
-from .routes import execute, executions, health
+from .routes import execute, executions, health, users
 from .service import ExecutionService
 
 __all__ = ["create_app", "serve"]
@@ -105,9 +105,14 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
         own = executor is None
         store = None
         if own:
-            config = ExecutorConfig(image=settings.image, max_code_bytes=settings.max_code_bytes)
-            store = open_store(settings.state_url) if settings.state_url else None
-            service.executor = await anyio.to_thread.run_sync(lambda: Executor(config=config, state_store=store))
+            config = ExecutorConfig(
+                image=settings.image, max_code_bytes=settings.max_code_bytes, data_dir=settings.data_dir
+            )
+            # The embedded default: SQLite under the data directory.
+            store = open_store(settings.state_url or f"sqlite:///{settings.data_dir}/state.db")
+            service.executor = await anyio.to_thread.run_sync(
+                lambda: Executor(config=config, state_store=store, proxy_host_map=settings.proxy_host_map)
+            )
         else:
             service.executor = executor
         log.info("execbox service ready", extra={"in_flight": 0})
@@ -129,6 +134,7 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
     app.include_router(execute.router)
     app.include_router(executions.router)
     app.include_router(health.router)
+    app.include_router(users.router)
     app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

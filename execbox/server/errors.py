@@ -24,6 +24,7 @@ from ..exceptions import (
     SandboxError,
 )
 from ..state.base import StateBusyError, StateConflictError
+from ..volumes import VolumeBusyError
 from .schemas import ErrorResponse
 
 __all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "from_library", "install_error_handlers", "invalid_from"]
@@ -74,6 +75,8 @@ def from_library(exc: ExecboxError, image_requested: bool = False) -> ApiError:
         return ApiError(503, "engine_unavailable", "the container engine does not answer", retry_after=5)
     if isinstance(exc, StateBusyError):
         return ApiError(409, "state_busy", str(exc), field="user_id", retry_after=5)
+    if isinstance(exc, VolumeBusyError):
+        return ApiError(409, "volume_busy", str(exc), field="user_id", retry_after=5)
     if isinstance(exc, StateConflictError):
         return ApiError(409, "state_conflict", str(exc), field="user_id")
     if isinstance(exc, EngineError):
