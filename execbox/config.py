@@ -27,6 +27,9 @@ class ExecutorConfig(BaseModel):
     sweep_on_start: bool = Field(True, description="Remove orphaned execbox resources when the executor starts.")
     data_dir: str = Field("/var/lib/execbox", description="Where execbox keeps volumes (and, in the service, state).")
     volume_quota: int = Field(256 << 20, ge=8 << 20, description="Size of each user's volume, in bytes.")
+    volume_max_idle: float = Field(
+        30 * 86400, gt=0, description="Volumes unused for this many seconds are removed by the reaper."
+    )
     pool: bool = Field(True, description="Create and warm sandboxes ahead of demand (each still used once).")
     pool_languages: tuple[str, ...] = Field(
         ("python", "javascript"), description="Languages kept ready with the default limits and image."

@@ -333,6 +333,15 @@ class Executor:
                 self._egress = Egress(self.engine, self._egress_settings)
             return self._egress
 
+    def housekeep(self) -> dict[str, int]:
+        """One reaper pass: remove orphaned resources, and volumes idle past config.volume_max_idle."""
+        removed = {"orphans": len(sweep(self.engine))}
+        from pathlib import Path
+
+        if (Path(self.config.data_dir) / "volumes" / "images").is_dir():
+            removed["volumes"] = len(self.volumes.expire(self.config.volume_max_idle))
+        return removed
+
     def pool_stats(self) -> PoolStats | None:
         return self.pool.stats() if self.pool is not None else None
 

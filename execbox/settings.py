@@ -36,6 +36,7 @@ class Settings(BaseSettings):
         None, description="State store: redis://... or sqlite:///path (default: SQLite under data_dir)."
     )
     data_dir: str = Field("/var/lib/execbox", description="Where the service keeps state (SQLite) and volumes.")
+    reap_interval: float = Field(60.0, gt=0, description="Seconds between reaper passes (orphans, idle volumes).")
     proxy_host_map: dict[str, str] = Field(
         default_factory=dict,
         description='Egress upstream overrides as {"api.example.test": "127.0.0.1:8081"} (JSON in'

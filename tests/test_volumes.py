@@ -126,6 +126,11 @@ def test_delete_and_expiry(vex: Executor) -> None:
     os.utime(vol.image, (time.time() - 7200, time.time() - 7200))
     assert vex.volumes.expire(3600) == [vol.name]
     assert not vol.image.exists() and not os.path.ismount(vol.mount)
+    # The reaper pass does the same with the configured idle time.
+    run(vex, "echo y > /data/y", "dave")
+    dave = vex.volumes.volume_for(tenant, "dave")
+    os.utime(dave.image, (0, 0))
+    assert vex.housekeep()["volumes"] == 1 and not dave.image.exists()
 
 
 @pytest.mark.parametrize("bad", ["../alice", "a/b", "..", ""])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -116,9 +117,22 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
         else:
             service.executor = executor
         log.info("execbox service ready", extra={"in_flight": 0})
+
+        async def reaper() -> None:
+            # Orphans (a crashed replica's containers, expired ones) and idle volumes.
+            while True:
+                await anyio.sleep(settings.reap_interval)
+                if service.executor is not None:
+                    try:
+                        await anyio.to_thread.run_sync(service.executor.housekeep)
+                    except Exception:
+                        log.warning("reaper pass failed", exc_info=True)
+
+        reaper_task = asyncio.get_running_loop().create_task(reaper())
         try:
             yield
         finally:
+            reaper_task.cancel()
             await service.shutdown(settings.shutdown_grace)
             if own and service.executor is not None:
                 await anyio.to_thread.run_sync(service.executor.close)
