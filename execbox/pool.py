@@ -181,8 +181,20 @@ class SandboxFactory:
                     raise SandboxError(f"sandbox {sb.id[:12]} sent {kind!r} before ready")
                 sb.ready = True
 
-    def destroy(self, sb: Sandbox) -> None:
-        """Close and force-remove; the reaper collects it if the engine refuses now."""
+    def destroy(self, sb: Sandbox, settle: float = 0.0) -> None:
+        """Close and force-remove; the reaper collects it if the engine refuses now.
+
+        With ``settle``, first wait up to that long for the sandbox to end by itself
+        (its agent exits after the result): removing a stopped container costs the
+        engine far less than killing a running one.
+        """
+        if settle > 0:
+            deadline = time.monotonic() + settle
+            try:
+                while sb.channel.recv(max(deadline - time.monotonic(), 0.0)) is not None:
+                    pass
+            except (TimeoutError, OSError):
+                pass
         sb.channel.close()
         self._remove_quietly(sb.id)
         self._forget(sb.id)
@@ -350,7 +362,8 @@ class Pool:
 
     def _destroy(self, sb: Sandbox) -> None:
         try:
-            self.factory.destroy(sb)
+            # A used sandbox ends by itself right after its result: let it (off the request's path).
+            self.factory.destroy(sb, settle=1.0 if sb.leased else 0.0)
         finally:
             with self._idle:
                 self._pending_destroys -= 1

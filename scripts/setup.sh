@@ -37,7 +37,10 @@ fi
 stamp=.venv/.execbox-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing execbox into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' >/tmp/execbox-pip.log 2>&1; then
+    grep -v "^WARNING: Location" /tmp/execbox-pip.log | tail -30 >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 
