@@ -9,6 +9,10 @@
     │   ├── EngineUnavailableError   no engine answers (dockerd down, bad DOCKER_HOST)
     │   └── ImageNotFoundError       the sandbox image is not built / not present
     ├── SandboxError            a sandbox broke the protocol or died before reporting
+    ├── SessionError            a persistent session (``Sessions``) could not be used
+    │   ├── SessionNotFoundError     no such session for this tenant (ended, expired, another tenant's)
+    │   ├── SessionLimitError        a cap on live sessions is reached (per user or in all); ``retry_after``
+    │   └── SessionBusyError         another call kept the session busy for too long
     └── ServiceError            the execbox HTTP service failed or could not be reached
         ├── AuthenticationError      401: missing or unknown API key
         ├── PermissionDeniedError    403: the tenant may not use this language/image
@@ -43,6 +47,10 @@ __all__ = [
     "SandboxError",
     "ServerBusyError",
     "ServiceError",
+    "SessionBusyError",
+    "SessionError",
+    "SessionLimitError",
+    "SessionNotFoundError",
     "WaitTimeoutError",
 ]
 
@@ -78,6 +86,27 @@ class ImageNotFoundError(EngineError):
 
 class SandboxError(ExecboxError):
     """The sandbox did not follow the agent protocol (crashed, garbled, silent)."""
+
+
+class SessionError(ExecboxError):
+    """A persistent session could not be created or used."""
+
+
+class SessionNotFoundError(SessionError):
+    """No such session for this tenant: never created, ended, expired, or another tenant's."""
+
+
+class SessionLimitError(SessionError):
+    """A cap on live sessions is reached: the user's own (``scope="user"``) or all (``"total"``)."""
+
+    def __init__(self, message: str, scope: str, retry_after: float | None = None) -> None:
+        self.scope = scope
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class SessionBusyError(SessionError):
+    """Another call on the same session did not finish in time for this one to start."""
 
 
 class ServiceError(ExecboxError):

@@ -1,7 +1,11 @@
 """The ``StateStore`` interface: per-tenant, per-user JSON state with versions,
 a size cap, a TTL, and a lease lock that serializes a user's stateful runs
 (held in the store, so it holds across service replicas; a crashed holder's
-lease simply expires)."""
+lease simply expires).
+
+It also keeps small records for execbox itself (the session registry): JSON
+objects by (kind, key), each with a TTL, written unconditionally, only when
+absent, or only when present."""
 
 from __future__ import annotations
 
@@ -12,11 +16,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..exceptions import ExecboxError, InvalidRequestError
 
-__all__ = ["StateBusyError", "StateConflictError", "StateStore", "StoredState", "check_id"]
+__all__ = ["PutMode", "StateBusyError", "StateConflictError", "StateStore", "StoredState", "check_id"]
+
+PutMode = Literal["any", "create", "update"]
+"""``put_record``: write always, only if no live record exists, or only if one does."""
+
+MAX_RECORD_BYTES = 64 << 10
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
@@ -77,6 +86,30 @@ class StateStore(ABC):
 
     @abstractmethod
     def _unlock(self, tenant: str, user: str, token: str) -> None: ...
+
+    # -- small records of execbox itself (e.g. the session registry) --------------------------
+
+    def encode_record(self, value: Any) -> str:
+        data = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        if len(data.encode()) > MAX_RECORD_BYTES:
+            raise ValueError(f"a record is larger than {MAX_RECORD_BYTES} bytes")
+        return data
+
+    @abstractmethod
+    def put_record(self, kind: str, key: str, value: Any, ttl: float, mode: PutMode = "any") -> bool:
+        """Store a JSON value for ``ttl`` seconds; False if ``mode`` refused ("create": one
+        exists, "update": none exists). Expired records count as absent."""
+
+    @abstractmethod
+    def get_record(self, kind: str, key: str) -> Any | None:
+        """The live record's value, or None."""
+
+    @abstractmethod
+    def delete_record(self, kind: str, key: str) -> bool: ...
+
+    @abstractmethod
+    def list_records(self, kind: str, prefix: str = "") -> dict[str, Any]:
+        """Every live record of ``kind`` whose key starts with ``prefix``: key -> value."""
 
     @contextmanager
     def lock(self, tenant: str, user: str, lease: float, wait: float) -> Iterator[None]:

@@ -10,8 +10,8 @@ import redis
 import redis.exceptions
 
 from ..exceptions import EngineUnavailableError
-from .base import StateConflictError, StateStore, StoredState
-from .keys import lock_key, state_key
+from .base import PutMode, StateConflictError, StateStore, StoredState
+from .keys import RECORD, lock_key, record_key, record_pattern, state_key
 
 __all__ = ["RedisStateStore"]
 
@@ -65,6 +65,31 @@ class RedisStateStore(StateStore):
 
     def _unlock(self, tenant: str, user: str, token: str) -> None:
         self._call(self._unlock_script, keys=[lock_key(tenant, user)], args=[token])
+
+    def put_record(self, kind: str, key: str, value: Any, ttl: float, mode: PutMode = "any") -> bool:
+        data = self.encode_record(value)
+        flags = {"nx": mode == "create", "xx": mode == "update"}
+        ok = self._call(self.r.set, record_key(kind, key), data, px=max(int(ttl * 1000), 1), **flags)
+        return bool(ok)
+
+    def get_record(self, kind: str, key: str) -> Any | None:
+        raw = self._call(self.r.get, record_key(kind, key))
+        return None if raw is None else json.loads(raw)
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        return bool(self._call(self.r.delete, record_key(kind, key)))
+
+    def list_records(self, kind: str, prefix: str = "") -> dict[str, Any]:
+        names = list(self._call(lambda: list(self.r.scan_iter(match=record_pattern(kind, prefix), count=500))))
+        if not names:
+            return {}
+        values = self._call(self.r.mget, names)
+        strip = len(f"{RECORD}{kind}:")
+        out: dict[str, Any] = {}
+        for name, raw in zip(names, values, strict=True):
+            if raw is not None:  # expired between SCAN and MGET
+                out[name.decode()[strip:]] = json.loads(raw)
+        return out
 
     def close(self) -> None:
         self.r.close()

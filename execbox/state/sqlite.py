@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .base import StateConflictError, StateStore, StoredState
+from .base import PutMode, StateConflictError, StateStore, StoredState
 
 __all__ = ["SQLiteStateStore"]
 
@@ -21,6 +21,9 @@ CREATE TABLE IF NOT EXISTS state (
 CREATE TABLE IF NOT EXISTS locks (
     tenant TEXT NOT NULL, user TEXT NOT NULL, token TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (tenant, user));
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (kind, key));
 """
 
 
@@ -103,9 +106,49 @@ class SQLiteStateStore(StateStore):
         with self._tx() as db:
             db.execute("DELETE FROM locks WHERE tenant=? AND user=? AND token=?", (tenant, user, token))
 
+    def put_record(self, kind: str, key: str, value: Any, ttl: float, mode: PutMode = "any") -> bool:
+        data = self.encode_record(value)
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT expires FROM records WHERE kind=? AND key=?", (kind, key)).fetchone()
+            live = row is not None and row[0] > now
+            if (mode == "create" and live) or (mode == "update" and not live):
+                return False
+            db.execute(
+                "INSERT INTO records (kind, key, value, expires) VALUES (?,?,?,?)"
+                " ON CONFLICT(kind, key) DO UPDATE SET value=excluded.value, expires=excluded.expires",
+                (kind, key, data, now + ttl),
+            )
+            return True
+
+    def get_record(self, kind: str, key: str) -> Any | None:
+        row = (
+            self._db()
+            .execute("SELECT value FROM records WHERE kind=? AND key=? AND expires>?", (kind, key, time.time()))
+            .fetchone()
+        )
+        return None if row is None else json.loads(row[0])
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key)).rowcount > 0
+
+    def list_records(self, kind: str, prefix: str = "") -> dict[str, Any]:
+        rows = (
+            self._db()
+            .execute(
+                "SELECT key, value FROM records WHERE kind=? AND substr(key, 1, ?)=? AND expires>?",
+                (kind, len(prefix), prefix, time.time()),
+            )
+            .fetchall()
+        )
+        return {str(k): json.loads(v) for k, v in rows}
+
     def purge_expired(self) -> int:
         with self._tx() as db:
-            return db.execute("DELETE FROM state WHERE expires IS NOT NULL AND expires<=?", (time.time(),)).rowcount
+            now = time.time()
+            db.execute("DELETE FROM records WHERE expires<=?", (now,))
+            return db.execute("DELETE FROM state WHERE expires IS NOT NULL AND expires<=?", (now,)).rowcount
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -1,0 +1,535 @@
+"""execbox session agent (standard library only): the main process of a session's container.
+
+Where ``agent.py`` serves one execution and exits, this agent serves calls, one at a
+time, for the whole life of a session:
+
+0. it binds the abstract Unix socket ``@execbox-session``, reports ``K`` (alive) on
+   stdout and reads one ``init`` line from stdin (the attach stream of the host that
+   created the session): the session's token, its runtime, and whether it is a REPL;
+1. in REPL mode it starts a worker (``session_repl.py`` or ``session_repl.js``) that keeps
+   the interpreter's globals between calls, and reports ``R`` {"ok": true} once it waits;
+2. it serves requests, one JSON line each, from every authenticated connection: the
+   attach stream of the creating host, and connections to the socket, which a host that
+   adopts the session makes with ``docker exec ... session_agent.py --relay`` (Docker
+   closes a container's stdin for good when its first attached client goes away, so a
+   second host cannot re-attach to it). A socket connection must first send
+   {"op": "hello", "token": ...}: same-UID code of the session could connect too;
+3. it answers each request on the connection it came from, with ``agent.py``'s frames:
+   ``O``/``E`` output of this call only, then ``R`` (JSON) or ``X`` (agent error).
+
+Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes"} and {"op": "ping"}.
+
+REPL calls: the code goes to the worker over a pipe; the worker runs it in its
+persistent namespace and reports the call's status on another pipe. At the timeout
+the worker gets SIGINT (the call is interrupted, its globals survive); if it has not
+answered ``interrupt_grace`` seconds later, its process group is killed and a new
+worker started (``reset``: variables are gone, files in /work stay). Output the
+worker writes between calls (background threads, timers) belongs to no call and is
+discarded. Non-REPL calls run exactly as ``agent.py`` runs a program (``agent.run``):
+a fresh process per call, killed with its whole process group at the end.
+
+The host does not trust this agent: it applies its own deadline and output caps.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import agent  # noqa: E402  (the one-shot agent: framing, OOM counter, run() for non-REPL calls)
+
+SOCKET_NAME = "\0execbox-session"
+MAX_LINE = 64 * 1024 * 1024
+READ_CHUNK = 65536
+HELLO_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0
+WORKER_READY_TIMEOUT = 30.0
+_LEN = struct.Struct(">I")
+
+
+class Conn:
+    """One connection to a host: the attach stream (fds 0/1) or a socket (via a relay)."""
+
+    def __init__(self, rfd: int, wfd: int, sock: socket.socket | None = None, authed: bool = False) -> None:
+        self.rfd, self.wfd, self.sock, self.authed = rfd, wfd, sock, authed
+        self.buf = bytearray()
+        self.dead = False
+        self.opened = time.monotonic()
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        """Write one frame; a host that went away only makes this connection dead."""
+        if self.dead:
+            return
+        view = memoryview(agent._frame(kind, payload))
+        try:
+            while view:
+                view = view[os.write(self.wfd, view) :]
+        except OSError:
+            self.dead = True
+
+    def reply(self, result: dict[str, Any]) -> None:
+        self.send(b"R", json.dumps(result).encode())
+
+    def error(self, message: str) -> None:
+        self.send(b"X", message.encode("utf-8", "replace"))
+
+    def lines(self) -> list[bytes]:
+        out = []
+        while True:
+            end = self.buf.find(b"\n")
+            if end < 0:
+                break
+            out.append(bytes(self.buf[:end]))
+            del self.buf[: end + 1]
+        if len(self.buf) > MAX_LINE:
+            self.error("request line too long")
+            self.dead = True
+        return out
+
+    def close(self) -> None:
+        self.dead = True
+        if self.sock is not None:
+            self.sock.close()
+
+
+class Worker:
+    """The REPL process: code in on a control pipe, one status line per call on another."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], workdir: str) -> None:
+        ctrl_r, self.ctrl_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [*argv, str(ctrl_r), str(status_w)],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=agent._child_setup,
+            close_fds=True,
+            pass_fds=(ctrl_r, status_w),
+        )
+        os.close(ctrl_r)
+        os.close(status_w)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.out_fd, self.err_fd = self.proc.stdout.fileno(), self.proc.stderr.fileno()
+        for fd in (self.out_fd, self.err_fd, self.status_r, self.ctrl_w):
+            os.set_blocking(fd, False)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self._status = bytearray()
+        self.closed = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """Status lines available now (non-blocking)."""
+        try:
+            data = os.read(self.status_r, READ_CHUNK)
+        except BlockingIOError:
+            data = b""
+        self._status += data
+        out = []
+        while b"\n" in self._status:
+            line, _, rest = bytes(self._status).partition(b"\n")
+            self._status = bytearray(rest)
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        sel = selectors.DefaultSelector()
+        sel.register(self.status_r, selectors.EVENT_READ)
+        sel.register(self.pidfd, selectors.EVENT_READ)
+        try:
+            while time.monotonic() < deadline:
+                for key, _ in sel.select(deadline - time.monotonic()):
+                    if key.fd == self.pidfd:
+                        return False
+                    if any(s.get("ready") for s in self.statuses()):
+                        return True
+        finally:
+            sel.close()
+        return False
+
+    def drain(self, fd: int, limit: int = 1024) -> list[bytes]:
+        chunks = []
+        for _ in range(limit):
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except (BlockingIOError, OSError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return chunks
+
+    def kill(self) -> int:
+        """Kill the worker's process group; its wait status (negative: the signal)."""
+        agent._kill_session(self.proc.pid)
+        status: int = self.proc.wait()
+        return status
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self.ctrl_w, self.status_r, self.pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+class Session:
+    def __init__(self, init: dict[str, Any]) -> None:
+        self.token = str(init["token"]).encode()
+        self.repl = bool(init.get("repl"))
+        self.workdir = init.get("workdir") or "/work"
+        self.env: dict[str, str] = dict(init.get("env") or {})
+        self.run_spec: dict[str, Any] = init.get("run") or {}
+        self.repl_argv: list[str] = list(init.get("repl_argv") or [])
+        self.grace = float(init.get("interrupt_grace", 1.0))
+        self.worker: Worker | None = None
+        self.reset_pending = False
+        self.calls = 0
+        os.makedirs(self.workdir, exist_ok=True)
+
+    # -- the REPL worker ------------------------------------------------------------------
+
+    def start_worker(self) -> Worker:
+        worker = Worker(self.repl_argv, self.env, self.workdir)
+        if not worker.wait_ready(WORKER_READY_TIMEOUT):
+            detail = b"".join(worker.drain(worker.err_fd)).decode("utf-8", "replace")[-2000:]
+            worker.kill()
+            worker.close()
+            raise RuntimeError(f"the REPL worker did not start: {detail.strip()}")
+        self.worker = worker
+        return worker
+
+    def end_worker(self) -> int:
+        worker, self.worker = self.worker, None
+        if worker is None:
+            return 0
+        status = worker.kill()
+        worker.close()
+        return status
+
+    def worker_died(self) -> None:
+        """Between calls: the worker exited (os._exit in a thread, a signal)."""
+        if self.worker is None or self.worker.proc.poll() is None:
+            return  # a stale event: this worker is alive
+        self.end_worker()
+        self.reset_pending = True
+
+    def background_fds(self) -> dict[int, str]:
+        w = self.worker
+        if w is None:
+            return {}
+        return {w.out_fd: "discard", w.err_fd: "discard", w.pidfd: "worker", w.status_r: "discard-status"}
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def call(self, req: dict[str, Any], conn: Conn) -> None:
+        self.calls += 1
+        if not self.repl:
+            run_req = {
+                "argv": self.run_spec["argv"],
+                "filename": self.run_spec["filename"],
+                "code": req["code"],
+                "env": {**self.env, **(req.get("env") or {})},
+                "workdir": self.workdir,
+                "timeout": req.get("timeout", 10.0),
+                "output_bytes": req.get("output_bytes", 1 << 20),
+            }
+            agent.run(run_req, conn)  # Conn has the send() of agent.Out
+            return
+        self._repl_call(req, conn)
+
+    def _repl_call(self, req: dict[str, Any], conn: Conn) -> None:
+        reset_before = self.reset_pending
+        self.reset_pending = False
+        w = self.worker
+        if w is None:
+            w = self.start_worker()
+            reset_before = True
+        for fd in (w.out_fd, w.err_fd):
+            w.drain(fd)  # output of no call (background threads, timers): not this call's
+        w.statuses()
+        cap = int(req.get("output_bytes", 1 << 20))
+        timeout = float(req.get("timeout", 10.0))
+        call_id = str(req.get("id", self.calls))
+        body = json.dumps({"id": call_id, "code": req["code"], "env": req.get("env") or {}}).encode()
+        pending = memoryview(_LEN.pack(len(body)) + body)
+        sent = {b"O": 0, b"E": 0}
+        truncated = {b"O": False, b"E": False}
+
+        def forward(kind: bytes, chunks: list[bytes]) -> None:
+            for data in chunks:
+                room = cap - sent[kind]
+                if len(data) > room:
+                    truncated[kind] = True
+                    data = data[: max(room, 0)]
+                if data:
+                    sent[kind] += len(data)
+                    conn.send(kind, data)
+
+        sel = selectors.DefaultSelector()
+        sel.register(w.out_fd, selectors.EVENT_READ, b"O")
+        sel.register(w.err_fd, selectors.EVENT_READ, b"E")
+        sel.register(w.status_r, selectors.EVENT_READ, b"S")
+        sel.register(w.pidfd, selectors.EVENT_READ, b"P")
+        sel.register(w.ctrl_w, selectors.EVENT_WRITE, b"C")
+        oom_before = agent._oom_kills()
+        started = time.monotonic()
+        deadline = started + timeout
+        status: dict[str, Any] | None = None
+        died = interrupted = killed = False
+        while status is None and not died:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if interrupted:
+                    killed = True
+                    break
+                # Interrupt the call (KeyboardInterrupt / vm's breakOnSigint); globals survive.
+                interrupted = True
+                try:
+                    os.kill(w.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + self.grace
+                continue
+            for key, _ in sel.select(remaining):
+                tag = key.data
+                if tag == b"C":
+                    try:
+                        pending = pending[os.write(w.ctrl_w, pending) :]
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(w.ctrl_w)
+                elif tag in (b"O", b"E"):
+                    forward(tag, w.drain(key.fd, limit=1))
+                elif tag == b"S":
+                    for st in w.statuses():
+                        if str(st.get("id")) == call_id:
+                            status = st
+                elif tag == b"P":
+                    died = True
+        sel.close()
+        duration = time.monotonic() - started
+        signum: int | None = None
+        reset = False
+        if status is not None:
+            # Written before the status line, so already in the pipes.
+            forward(b"O", w.drain(w.out_fd))
+            forward(b"E", w.drain(w.err_fd))
+            exit_code = int(status.get("exit_code", 0))
+            if interrupted or status.get("interrupted"):
+                interrupted, signum = True, signal.SIGINT
+        else:
+            wait_status = w.kill()  # died by itself, or killed past the grace
+            forward(b"O", w.drain(w.out_fd))
+            forward(b"E", w.drain(w.err_fd))
+            self.end_worker()
+            reset = True
+            if killed:
+                exit_code, signum = 128 + signal.SIGKILL, signal.SIGKILL
+            elif wait_status < 0:
+                signum = -wait_status
+                exit_code = 128 + signum
+            else:
+                exit_code = wait_status
+        result = {
+            "exit_code": exit_code,
+            "signal": signum,
+            "timed_out": interrupted or killed,
+            "stdout_truncated": truncated[b"O"],
+            "stderr_truncated": truncated[b"E"],
+            "duration_ms": round(duration * 1000, 3),
+            "oom_kills": max(agent._oom_kills() - oom_before, 0),
+            "reset": reset,
+            "reset_before": reset_before,
+        }
+        conn.reply(result)
+        if self.worker is None:
+            # Ready for the next call; the host has its answer already.
+            try:
+                self.start_worker()
+            except Exception as exc:
+                self.reset_pending = True
+                sys.stderr.write(f"session agent: {exc}\n")
+
+
+def _listener() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(SOCKET_NAME)
+    sock.listen(8)
+    return sock
+
+
+def _handle(session: Session, conn: Conn, line: bytes) -> None:
+    try:
+        req = json.loads(line)
+        op = req.get("op") if isinstance(req, dict) else None
+    except ValueError:
+        op = req = None
+    if not conn.authed:
+        token = str(req.get("token", "")).encode() if isinstance(req, dict) else b""
+        if op == "hello" and hmac.compare_digest(token, session.token):
+            conn.authed = True
+            conn.reply({"ok": True, "calls": session.calls})
+        else:
+            conn.error("unauthenticated")
+            conn.close()
+        return
+    assert isinstance(req, dict)
+    if op == "exec":
+        try:
+            session.call(req, conn)
+        except Exception as exc:  # report, never hang the host
+            conn.error(f"{type(exc).__name__}: {exc}")
+    elif op == "ping":
+        conn.reply({"ok": True, "calls": session.calls, "repl": session.repl})
+    else:
+        conn.error(f"unknown request {op!r}")
+
+
+def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
+    conns: dict[int, Conn] = {stdin_conn.rfd: stdin_conn}
+    while True:
+        sel = selectors.DefaultSelector()
+        sel.register(listener.fileno(), selectors.EVENT_READ, "listen")
+        for fd in conns:
+            sel.register(fd, selectors.EVENT_READ, "conn")
+        for fd, what in session.background_fds().items():
+            sel.register(fd, selectors.EVENT_READ, what)
+        waiting = [c.opened + HELLO_TIMEOUT for c in conns.values() if not c.authed]
+        timeout = max(min(waiting) - time.monotonic(), 0.0) if waiting else None
+        events = sel.select(timeout)
+        sel.close()
+        for key, _ in events:
+            if key.data == "listen":
+                sock, _ = listener.accept()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
+                conns[sock.fileno()] = Conn(sock.fileno(), sock.fileno(), sock)
+            elif key.data == "conn":
+                conn = conns.get(key.fd)
+                if conn is None or conn.dead:
+                    continue
+                try:
+                    if conn.sock is not None:
+                        data = conn.sock.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+                    else:
+                        data = os.read(key.fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue  # a stale event (the fd was reused during a call)
+                except OSError:
+                    data = b""
+                if not data:
+                    conn.dead = True
+                    continue
+                conn.buf += data
+                for line in conn.lines():
+                    if conn.dead:
+                        break
+                    _handle(session, conn, line)
+            elif key.data == "worker":
+                if session.worker is not None and key.fd == session.worker.pidfd:
+                    session.worker_died()
+            elif session.worker is not None:
+                w = session.worker
+                if key.fd == w.status_r:
+                    w.statuses()
+                elif key.fd in (w.out_fd, w.err_fd):
+                    w.drain(key.fd, limit=16)
+        now = time.monotonic()
+        for fd, conn in list(conns.items()):
+            if not conn.authed and now - conn.opened > HELLO_TIMEOUT:
+                conn.close()
+            if conn.dead:
+                if conn.sock is not None:
+                    conn.sock.close()
+                del conns[fd]
+
+
+def relay() -> int:
+    """``--relay``: join the attached stdin/stdout (a ``docker exec`` stream) to the agent's socket."""
+    agent._make_undumpable()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(SOCKET_NAME)
+    except OSError as exc:
+        sys.stderr.write(f"session relay: the session agent does not answer: {exc}\n")
+        return 1
+    sel = selectors.DefaultSelector()
+    sel.register(0, selectors.EVENT_READ, "in")
+    sel.register(sock.fileno(), selectors.EVENT_READ, "sock")
+    while True:
+        for key, _ in sel.select():
+            if key.data == "in":
+                data = os.read(0, READ_CHUNK)
+                if not data:
+                    sock.shutdown(socket.SHUT_WR)
+                    sel.unregister(0)
+                else:
+                    sock.sendall(data)
+            else:
+                data = sock.recv(READ_CHUNK)
+                if not data:
+                    return 0
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(1, view) :]
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--relay"]:
+        return relay()
+    agent._make_undumpable()
+    stdin_conn = Conn(0, 1, authed=True)
+    try:
+        listener = _listener()
+        stdin_conn.send(b"K", b"")
+        # Read with os.read, not sys.stdin: nothing may stay in a buffer that serve() does not see.
+        while b"\n" not in stdin_conn.buf:
+            data = os.read(0, READ_CHUNK)
+            if not data or len(stdin_conn.buf) > MAX_LINE:
+                return 125
+            stdin_conn.buf += data
+        end = stdin_conn.buf.index(b"\n")
+        init = json.loads(bytes(stdin_conn.buf[:end]))
+        del stdin_conn.buf[: end + 1]  # the host waits for the answer before it sends more
+        session = Session(init)
+        if session.repl:
+            session.start_worker()
+        stdin_conn.reply({"ok": True, "repl": session.repl, "pid": os.getpid()})
+    except Exception as exc:
+        stdin_conn.error(f"{type(exc).__name__}: {exc}")
+        return 125
+    serve(session, listener, stdin_conn)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
