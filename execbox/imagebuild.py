@@ -133,13 +133,20 @@ def _docker_build(
                     progress(line)
 
 
-def ensure_buildtools(api: Any, builder_base: str, progress: Progress = log.info, force: bool = False) -> str:
-    """The build tools image on ``builder_base`` (built when missing); its tag."""
+def _buildtools_tag(api: Any, builder_base: str) -> str | None:
     info = _inspect(api, builder_base)
     if info is None:
+        return None
+    key = buildtools_dockerfile(builder_base) + info["Id"]
+    return f"{BUILDTOOLS_REPO}:{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_buildtools(api: Any, builder_base: str, progress: Progress = log.info, force: bool = False) -> str:
+    """The build tools image on ``builder_base`` (built when missing); its tag."""
+    tag = _buildtools_tag(api, builder_base)
+    if tag is None:
         raise ImageNotFoundError(f"image {builder_base} is not built (execbox images build)")
     dockerfile = buildtools_dockerfile(builder_base)
-    tag = f"{BUILDTOOLS_REPO}:{hashlib.sha256((dockerfile + info['Id']).encode()).hexdigest()[:12]}"
     if force or _inspect(api, tag) is None:
         progress(f"building {tag} (pip and npm for build stages, from Debian) ...")
         t0 = time.monotonic()
@@ -292,7 +299,8 @@ def remove_spec(api: Any, name: str) -> list[str]:
 def prune_specs(api: Any, name: str | None = None) -> list[str]:
     """Remove superseded builds (no longer what their name points at) and unused build-stage caches.
 
-    With ``name``, only those of that spec.
+    With ``name``, only those of that spec; without, also the build tools images
+    other than the default rootfs's (those of custom bases are rebuilt when needed).
     """
     removed: list[str] = []
     for build in list_spec_images(api):
@@ -305,6 +313,14 @@ def prune_specs(api: Any, name: str | None = None) -> list[str]:
         labels = cache.get("Labels") or {}
         if (labels.get(SPEC_LABEL), labels.get(STAGE_LABEL)) not in stages:
             _remove(api, cache["Id"], removed)
+    if name is None:
+        keep = _buildtools_tag(api, RootfsRecipe().tag)
+        with _translated("list images"):
+            tools = api.images(filters={"label": f"{IMAGE_LABEL}=buildtools"})
+        for image in tools:
+            for tag in image.get("RepoTags") or []:
+                if tag.startswith(f"{BUILDTOOLS_REPO}:") and tag != keep:
+                    _remove(api, tag, removed)
     return removed
 
 

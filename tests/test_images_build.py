@@ -247,10 +247,28 @@ def test_rebuilt_only_when_the_spec_changes(engine: Engine, executor: Executor, 
         assert prune_specs(a, name) == [tag1]
         assert {s.tag for s in list_spec_images(a) if s.name == name} == {tag2}
     finally:
+        executor.drain()  # a pool removes used sandboxes in the background: none may still use the image
         cleanup(engine, name)
     with pytest.raises(InvalidRequestError) as err:
         executor.execute("cat /opt/note.txt", language="bash", image=name)
     assert err.value.field == "image"
+
+
+def test_spec_on_another_spec(engine: Engine, tmp_path: Path, with_packages: Built) -> None:
+    # Files only: no build stage, so no build tools on that base (those take half a minute;
+    # checked by hand: pip and npm packages on another spec work the same).
+    name = f"layered-t{uuid.uuid4().hex[:8]}"
+    (tmp_path / "main.js").write_text("module.exports = () => require('lodash').VERSION;\n")
+    path = tmp_path / "layered.toml"
+    path.write_text(f'name = "{name}"\nbase = "{with_packages.name}"\n[files]\n"/opt/app/main.js" = "main.js"\n')
+    a = api(engine)
+    try:
+        tag = build_spec(a, ImageSpec.load(path), progress=lambda m: None)
+        assert a.inspect_image(tag)["Config"]["Labels"]["execbox.spec.base"] == with_packages.tag
+        with Executor(engine=engine, pool=False, sweep_on_start=False) as ex:
+            assert run(ex, name, "console.log(require('/opt/app/main.js')())", "javascript") == "4.17.21\n"
+    finally:
+        cleanup(engine, name)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
