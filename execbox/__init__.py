@@ -16,11 +16,16 @@ from .exceptions import (
     SandboxError,
     ServerBusyError,
     ServiceError,
+    SessionBusyError,
+    SessionError,
+    SessionLimitError,
+    SessionNotFoundError,
     WaitTimeoutError,
 )
 from .executor import Executor
 from .models import ExecutionRequest, ExecutionResult, Limits
 from .runtimes import RUNTIMES, Runtime
+from .sessions import SessionInfo, SessionResult, Sessions, SessionsConfig
 
 __version__ = "0.1.0"
 
@@ -47,6 +52,14 @@ __all__ = [
     "SandboxError",
     "ServerBusyError",
     "ServiceError",
+    "SessionBusyError",
+    "SessionError",
+    "SessionInfo",
+    "SessionLimitError",
+    "SessionNotFoundError",
+    "SessionResult",
+    "Sessions",
+    "SessionsConfig",
     "WaitTimeoutError",
     "__version__",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from .exceptions import (
 )
 from .models import ExecutionRequest, ExecutionResult
 from .server.schemas import ExecutionJob, Submitted
+from .sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionList, SessionResult
 
 __all__ = ["AsyncClient", "Client", "StreamEvent"]
 
@@ -65,6 +67,26 @@ def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
         raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
     return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+
+
+def _validated(model: type[pydantic.BaseModel], fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` checked as the service will check them (same errors as the library), as JSON."""
+    try:
+        req = model.model_validate({k: v for k, v in fields.items() if v is not None})
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
+    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+
+
+# Session calls: the session's own timeout is not known here, so allow for the largest.
+_SESSION_CREATE_READ = 90.0
+_SESSION_CALL_READ = 300.0
+
+
+def _sid(session_id: str) -> str:
+    return urllib.parse.quote(session_id, safe="")
 
 
 def _read_timeout(body: dict[str, Any], slack: float) -> float:
@@ -281,6 +303,56 @@ class Client(_Base):
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeoutError(f"execution {execution_id} still {job.status} after {timeout} s")
 
+    # -- sessions -------------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        user_id: str,
+        language: str = "python",
+        *,
+        image: str | None = None,
+        limits: dict[str, Any] | None = None,
+        idle_timeout: float | None = None,
+        max_lifetime: float | None = None,
+        repl: bool | None = None,
+    ) -> SessionInfo:
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
+        body = _validated(
+            SessionCreateRequest,
+            {
+                "user_id": user_id,
+                "language": language,
+                "image": image,
+                "limits": limits,
+                "idle_timeout": idle_timeout,
+                "max_lifetime": max_lifetime,
+                "repl": repl,
+            },
+        )
+        response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
+        return SessionInfo.model_validate(response.json())
+
+    def session_execute(
+        self, session_id: str, code: str, env: dict[str, str] | None = None, *, timeout: float | None = None
+    ) -> SessionResult:
+        """Run ``code`` in the session (NotFoundError once it ended)."""
+        body = _validated(SessionExecuteRequest, {"code": code, "env": env, "timeout": timeout})
+        read = (timeout or _SESSION_CALL_READ) + self.slack
+        response = self._send("POST", f"/v1/sessions/{_sid(session_id)}/execute", read, json=body)
+        return SessionResult.model_validate(response.json())
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """This tenant's live sessions."""
+        return SessionList.model_validate(self._send("GET", "/v1/sessions", _DEFAULT_TIMEOUT).json()).sessions
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        response = self._send("GET", f"/v1/sessions/{_sid(session_id)}", _DEFAULT_TIMEOUT)
+        return SessionInfo.model_validate(response.json())
+
+    def delete_session(self, session_id: str) -> None:
+        """End the session now (NotFoundError if there is none)."""
+        self._send("DELETE", f"/v1/sessions/{_sid(session_id)}", 30.0)
+
 
 def _job_result(job: ExecutionJob) -> ExecutionResult:
     if job.result is not None:
@@ -396,3 +468,54 @@ class AsyncClient(_Base):
                 return _job_result(job)
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeoutError(f"execution {execution_id} still {job.status} after {timeout} s")
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        user_id: str,
+        language: str = "python",
+        *,
+        image: str | None = None,
+        limits: dict[str, Any] | None = None,
+        idle_timeout: float | None = None,
+        max_lifetime: float | None = None,
+        repl: bool | None = None,
+    ) -> SessionInfo:
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
+        body = _validated(
+            SessionCreateRequest,
+            {
+                "user_id": user_id,
+                "language": language,
+                "image": image,
+                "limits": limits,
+                "idle_timeout": idle_timeout,
+                "max_lifetime": max_lifetime,
+                "repl": repl,
+            },
+        )
+        response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
+        return SessionInfo.model_validate(response.json())
+
+    async def session_execute(
+        self, session_id: str, code: str, env: dict[str, str] | None = None, *, timeout: float | None = None
+    ) -> SessionResult:
+        """Run ``code`` in the session (NotFoundError once it ended)."""
+        body = _validated(SessionExecuteRequest, {"code": code, "env": env, "timeout": timeout})
+        read = (timeout or _SESSION_CALL_READ) + self.slack
+        response = await self._send("POST", f"/v1/sessions/{_sid(session_id)}/execute", read, json=body)
+        return SessionResult.model_validate(response.json())
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        """This tenant's live sessions."""
+        response = await self._send("GET", "/v1/sessions", _DEFAULT_TIMEOUT)
+        return SessionList.model_validate(response.json()).sessions
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        response = await self._send("GET", f"/v1/sessions/{_sid(session_id)}", _DEFAULT_TIMEOUT)
+        return SessionInfo.model_validate(response.json())
+
+    async def delete_session(self, session_id: str) -> None:
+        """End the session now (NotFoundError if there is none)."""
+        await self._send("DELETE", f"/v1/sessions/{_sid(session_id)}", 30.0)

@@ -56,7 +56,7 @@ from .exceptions import (
 )
 from .hardening import WORKDIR, sandbox_spec
 from .images import SANDBOX_DIR, default_image
-from .labels import KIND, OWNER, labels_for
+from .labels import KIND, OWNER, labels_for, owner_alive, owner_id
 from .models import DEFAULT_MAX_LIMITS, ENV_NAME_RE, Limits
 from .protocol import FrameDecoder
 from .runtimes import get_runtime
@@ -66,6 +66,7 @@ __all__ = [
     "SessionCreateRequest",
     "SessionExecuteRequest",
     "SessionInfo",
+    "SessionList",
     "SessionResult",
     "Sessions",
     "SessionsConfig",
@@ -195,6 +196,12 @@ class SessionInfo(BaseModel):
     calls: int = Field(0, description="Calls made so far.")
 
 
+class SessionList(BaseModel):
+    """``GET /v1/sessions``."""
+
+    sessions: list[SessionInfo] = Field(description="The tenant's live sessions, oldest first.")
+
+
 class SessionResult(BaseModel):
     """What one call in a session produced. Timeouts and OOM kills are fields, not exceptions."""
 
@@ -238,6 +245,7 @@ class _Record(BaseModel):
     uid: int
     token: str
     registry: str
+    creator: str = ""  # owner_id() of the process creating it (a "creating" record dies with it)
     container_id: str | None = None
 
     @property
@@ -388,7 +396,8 @@ class Sessions:
     Creating a ``Sessions`` reconciles the registry with the engine (adopting live
     sessions, removing unregistered session containers) and starts the reaper thread.
     ``close()`` stops the reaper; the sessions themselves live on for the next
-    ``Sessions`` over the same store (``close(end_sessions=True)`` ends them).
+    ``Sessions`` over the same store (``close(end_sessions=True)`` ends them). The
+    store is closed with it if it was made here (no ``store``) or ``own_store`` says so.
     """
 
     def __init__(
@@ -398,6 +407,7 @@ class Sessions:
         config: SessionsConfig | None = None,
         *,
         start_reaper: bool = True,
+        own_store: bool = False,
         **options: Any,
     ) -> None:
         if config is None:
@@ -415,7 +425,7 @@ class Sessions:
             engine = DockerEngine.from_env()
         self.engine = engine
         self.store = store if store is not None else _default_store()
-        self._owns_store = store is None
+        self._owns_store = own_store or store is None
         self.config = config
         self.image = config.image or default_image()
         self.registry_id = self._registry_id()
@@ -484,6 +494,7 @@ class Sessions:
             uid=0,
             token=secrets.token_urlsafe(24),
             registry=self.registry_id,
+            creator=owner_id(),
         )
         self._reserve(rec)
         try:
@@ -898,6 +909,8 @@ class Sessions:
     ) -> str | None:
         if rec.status == "creating":
             # A creator that died mid-way leaves its record "creating" for ever.
+            if rec.creator and not owner_alive(rec.creator):
+                return "its creator died"
             stale = now - rec.created_at > self.config.ready_timeout + 60
             return "its creation did not finish" if stale else None
         if now >= rec.ends_at:

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
         "(off by default: otherwise tenants could make the service call internal hosts).",
     )
 
+    sessions: bool = Field(True, description="Serve persistent per-user sessions (/v1/sessions).")
+    session_store_url: str | None = Field(
+        None,
+        description="Registry of sessions (redis://... or sqlite:///path), shared by replicas so that a restart"
+        " adopts live sessions; default: state_url, else SQLite under data_dir.",
+    )
+    session_max_per_user: int = Field(3, ge=1, description="Live sessions per user of a tenant; beyond: 429.")
+    session_max_total: int = Field(32, ge=1, description="Live sessions in all (every tenant); beyond: 429.")
+    session_idle_timeout: float = Field(600.0, gt=0, description="Default idle timeout of a session (s).")
+    session_max_lifetime: float = Field(3600.0, gt=0, description="Default max lifetime of a session (s).")
+    session_idle_timeout_limit: float = Field(86400.0, gt=0, description="Largest idle timeout a client may ask.")
+    session_max_lifetime_limit: float = Field(86400.0, gt=0, description="Largest max lifetime a client may ask.")
+    session_reap_interval: float = Field(5.0, gt=0, description="Seconds between passes of the session reaper.")
+
     shutdown_grace: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight executions may finish.")
     log_level: str = Field("info", description="debug, info, warning or error.")
     log_json: bool = Field(True, description="Structured JSON logs on stderr (else plain text).")

@@ -20,6 +20,7 @@ from ..config import ExecutorConfig
 from ..exceptions import ConfigurationError
 from ..executor import Executor
 from ..models import DEFAULT_MAX_LIMITS
+from ..sessions import Sessions, SessionsConfig
 from ..settings import Settings
 from ..state import open_store
 from .auth import Authenticator
@@ -27,7 +28,7 @@ from .errors import install_error_handlers
 from .logging import configure_logging
 from .metrics import Metrics
 from .middleware import Guard
-from .routes import execute, executions, health, users
+from .routes import execute, executions, health, sessions, users
 from .service import ExecutionService
 
 __all__ = ["create_app", "serve"]
@@ -88,8 +89,32 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None, executor: Executor | None = None) -> FastAPI:
+def _sessions(settings: Settings, executor: Executor) -> Sessions:
+    """Sessions over the executor's engine, image and limits; the registry in the session store."""
+    url = settings.session_store_url or settings.state_url or f"sqlite:///{settings.data_dir}/state.db"
+    config = SessionsConfig(
+        image=executor.image,
+        default_limits=executor.config.default_limits,
+        max_limits=executor.config.max_limits,
+        max_code_bytes=settings.max_code_bytes,
+        max_per_user=settings.session_max_per_user,
+        max_total=settings.session_max_total,
+        idle_timeout=settings.session_idle_timeout,
+        max_lifetime=settings.session_max_lifetime,
+        idle_timeout_limit=settings.session_idle_timeout_limit,
+        max_lifetime_limit=settings.session_max_lifetime_limit,
+        reap_interval=settings.session_reap_interval,
+    )
+    return Sessions(executor.engine, open_store(url), config, own_store=True)
+
+
+def create_app(
+    settings: Settings | None = None, executor: Executor | None = None, sessions_: Sessions | None = None
+) -> FastAPI:
     """The ASGI app. Without ``executor``, one is created at start-up and closed at shutdown.
+
+    Without ``sessions_`` (and unless ``settings.sessions`` is off), a ``Sessions`` over the
+    executor's engine is created at start-up: it adopts the sessions an earlier run left.
 
     ``settings`` defaults to ``Settings()``, i.e. the ``EXECBOX_*`` environment.
     """
@@ -116,6 +141,11 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
             )
         else:
             service.executor = executor
+        if sessions_ is not None:
+            service.sessions = sessions_
+        elif settings.sessions:
+            ex = service.ex
+            service.sessions = await anyio.to_thread.run_sync(lambda: _sessions(settings, ex))
         log.info("execbox service ready", extra={"in_flight": 0})
 
         async def reaper() -> None:
@@ -134,6 +164,9 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
         finally:
             reaper_task.cancel()
             await service.shutdown(settings.shutdown_grace)
+            if sessions_ is None and service.sessions is not None:
+                # Only the reaper stops: the sessions live on, and the next start adopts them.
+                await anyio.to_thread.run_sync(service.sessions.close)
             if own and service.executor is not None:
                 await anyio.to_thread.run_sync(service.executor.close)
             if store is not None:
@@ -147,6 +180,7 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
     install_error_handlers(app, metrics.rejected)
     app.include_router(execute.router)
     app.include_router(executions.router)
+    app.include_router(sessions.router)
     app.include_router(health.router)
     app.include_router(users.router)
     app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)

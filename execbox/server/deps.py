@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
 from .errors import ApiError
@@ -14,7 +15,7 @@ from .metrics import Metrics
 from .middleware import TENANT_SCOPE_KEY
 from .service import ExecutionService
 
-__all__ = ["MetricsDep", "ServiceDep", "SettingsDep", "TenantDep"]
+__all__ = ["MetricsDep", "ServiceDep", "SessionsDep", "SettingsDep", "TenantDep"]
 
 # Declared for the OpenAPI document; the key itself is checked by the Guard middleware before the body is read.
 _bearer = HTTPBearer(auto_error=False, description="An API key of a tenant: `Authorization: Bearer <key>`.")
@@ -35,6 +36,15 @@ def _metrics(request: Request) -> Metrics:
     return metrics
 
 
+def _sessions(request: Request) -> Sessions:
+    service: ExecutionService = request.app.state.service
+    if service.sessions is None:
+        if not request.app.state.settings.sessions:
+            raise ApiError(404, "not_found", "sessions are disabled on this server", reason="not_found")
+        raise ApiError(503, "starting", "the service is starting", retry_after=1)
+    return service.sessions
+
+
 def _tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
     tenant = request.scope.get(TENANT_SCOPE_KEY)
     if not isinstance(tenant, Tenant):
@@ -46,3 +56,4 @@ ServiceDep = Annotated[ExecutionService, Depends(_service)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
+SessionsDep = Annotated[Sessions, Depends(_sessions)]

@@ -20,6 +20,7 @@ from ..exceptions import ExecboxError, InvalidRequestError
 from ..executor import Executor, OutputCallback
 from ..models import ExecutionRequest, ExecutionResult, Limits
 from ..runtimes import get_runtime
+from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
 from .errors import ApiError, from_library
@@ -53,6 +54,7 @@ class ExecutionService:
         self.settings = settings
         self.metrics = metrics
         self.executor: Executor | None = None
+        self.sessions: Sessions | None = None  # set at start-up unless settings.sessions is off
         self.gate = Gate(settings.max_concurrent, settings.max_queue)
         self.quotas = TenantQuotas()
         self.jobs = JobStore(settings.job_ttl, settings.max_jobs)
