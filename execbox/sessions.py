@@ -594,7 +594,7 @@ class Sessions:
                 # Never end a session for idleness while a call runs in it.
                 try:
                     with self.store.lock(_LOCKS, rec.id, lease=30, wait=0):
-                        fresh = self._record_or_none(rec.tenant, rec.id)
+                        fresh = self._record_or_none(rec.tenant, rec.id, live=False)
                         if fresh is None or self._reason_to_end(fresh, time.time(), True, False) != "idle":
                             continue
                         self._end(fresh, "idle")
@@ -784,9 +784,7 @@ class Sessions:
             self._end(rec, "its container ended")
         else:
             rec.last_used_at = time.time()
-            if not self.store.put_record(
-                RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"
-            ):
+            if not self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"):
                 result.session_ended = True  # deleted or reaped during the call
         return result
 
@@ -884,7 +882,8 @@ class Sessions:
                 out.append(rec)
         return out
 
-    def _record_or_none(self, tenant: str, session_id: str) -> _Record | None:
+    def _record_or_none(self, tenant: str, session_id: str, live: bool = True) -> _Record | None:
+        """The session's record; with ``live``, None once it expired (the reaper ends it soon)."""
         if not _ID_RE.match(session_id or "") or not isinstance(tenant, str) or "/" in tenant:
             return None
         value = self.store.get_record(RECORD_KIND, f"{tenant}/{session_id}")
@@ -894,8 +893,8 @@ class Sessions:
             rec = _Record.model_validate(value)
         except pydantic.ValidationError:
             return None
-        if rec.tenant != tenant or rec.expires_at() <= time.time():
-            return None  # expired: the reaper ends it; to callers it is already gone
+        if rec.tenant != tenant or (live and rec.expires_at() <= time.time()):
+            return None  # expired: to callers it is already gone
         return rec
 
     def _record(self, tenant: str, session_id: str) -> _Record:
@@ -904,9 +903,7 @@ class Sessions:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return rec
 
-    def _reason_to_end(
-        self, rec: _Record, now: float, has_container: bool, check_running: bool = True
-    ) -> str | None:
+    def _reason_to_end(self, rec: _Record, now: float, has_container: bool, check_running: bool = True) -> str | None:
         if rec.status == "creating":
             # A creator that died mid-way leaves its record "creating" for ever.
             if rec.creator and not owner_alive(rec.creator):
