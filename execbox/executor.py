@@ -88,7 +88,9 @@ class Executor:
             engine = DockerEngine.from_env()
         self.engine = engine
         self.config = config
-        self.image = config.image or default_image()
+        self.image = default_image()
+        if config.image:  # a package image's name ("data") becomes its tag, once
+            self.image = self.resolve_image(config.image)
         self.state_store = state_store
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
         self._egress_lock = threading.Lock()
