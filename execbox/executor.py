@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 
 from .config import ExecutorConfig
-from .egress import Egress, EgressGrant, EgressSettings
+from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
 from .engine.base import STDERR, Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
@@ -144,9 +144,18 @@ class Executor:
         return self.run(request, on_output=on_output, tenant=tenant)
 
     def run(
-        self, request: ExecutionRequest, on_output: OutputCallback | None = None, *, tenant: str = "default"
+        self,
+        request: ExecutionRequest,
+        on_output: OutputCallback | None = None,
+        *,
+        tenant: str = "default",
+        network_ceiling: NetworkPolicy | None = None,
     ) -> ExecutionResult:
-        """Run a validated request (see ``execute``); ``tenant`` namespaces stored state."""
+        """Run a validated request (see ``execute``).
+
+        ``tenant`` namespaces stored state and volumes; ``network_ceiling`` (a tenant's
+        policy) caps the request's own egress policy: a request must be allowed by both.
+        """
         if self._closed:
             raise InvalidRequestError("executor", "this executor is closed")
         check_id("tenant", tenant)
@@ -173,7 +182,7 @@ class Executor:
             if name in request.env:
                 raise InvalidRequestError(f"secrets.{name}", "also given in env: a name is either a secret or not")
         if not persist:
-            return self._run_once(request, runtime, limits, image, request.state, on_output, tenant)
+            return self._run_once(request, runtime, limits, image, request.state, on_output, tenant, network_ceiling)
         assert store is not None and user is not None
         # One stateful run per user at a time (the lock lives in the store, so it
         # holds across replicas; its lease bounds a crashed holder).
@@ -182,7 +191,7 @@ class Executor:
             if state_in is None:
                 stored = store.get(tenant, user)
                 state_in = stored.value if stored is not None else None
-            result = self._run_once(request, runtime, limits, image, state_in, on_output, tenant)
+            result = self._run_once(request, runtime, limits, image, state_in, on_output, tenant, network_ceiling)
             ok = result.exit_code == 0 and not result.timed_out and result.state_error is None
             if ok and result.state is not None:
                 try:
@@ -201,12 +210,18 @@ class Executor:
         state: Any,
         on_output: OutputCallback | None,
         tenant: str,
+        network_ceiling: NetworkPolicy | None = None,
     ) -> ExecutionResult:
         exec_id = uuid.uuid4().hex[:16]
         grant = None
         if request.network is not None and request.network.mode == "proxy":
             grant = self.egress.prepare(
-                exec_id, request.network, request.secrets, tenant=tenant, user_id=request.user_id
+                exec_id,
+                request.network,
+                request.secrets,
+                ceiling=network_ceiling,
+                tenant=tenant,
+                user_id=request.user_id,
             )
         try:
             return self._run_sandbox(exec_id, request, runtime, limits, image, state, on_output, grant, tenant)

@@ -102,3 +102,24 @@ def test_secrets_need_proxy_mode_and_distinct_names(ex: Executor) -> None:
             secrets={"K": {"value": "a-long-secret-value", "hosts": [PLAIN_HOST]}},
         )
     assert info.value.field == "secrets.K"
+
+
+def test_tenant_ceiling_caps_the_runs_policy(ex: Executor, upstream: Upstream) -> None:
+    from execbox import ExecutionRequest
+    from execbox.egress import NetworkPolicy
+
+    req = ExecutionRequest(
+        code=(
+            "import urllib.request, urllib.error\n"
+            "for h in ('plain', 'other'):\n"
+            "    try:\n"
+            "        print(h, urllib.request.urlopen(f'http://{h}.example.test/c', timeout=10).status)\n"
+            "    except urllib.error.HTTPError as e:\n"
+            "        print(h, e.code)\n"
+        ),
+        language="python",
+        network={"mode": "proxy", "allow": [PLAIN_HOST, OTHER_HOST]},
+    )
+    r = ex.run(req, network_ceiling=NetworkPolicy(mode="proxy", allow=[PLAIN_HOST]))
+    assert r.stdout == "plain 200\nother 403\n", r.stderr
+    assert [e.decision for e in r.network_log] == ["allowed", "denied"]

@@ -64,3 +64,12 @@ def test_volume_endpoints(engine: Engine, tmp_path: Path) -> None:
             assert a.post("/v1/execute", json={**run, "code": "ls -A /data"}).json()["stdout"] == ""
             for client in (a, b):
                 assert client.delete("/v1/users/u1/volume").status_code == 204
+
+
+def test_pool_metrics_are_exported(engine: Engine, tmp_path: Path) -> None:
+    with live_server(engine, settings(write_tenants(tmp_path)), pool_min_ready=1) as srv, srv.client(KEY_A) as a:
+        assert a.post("/v1/execute", json={"code": "print(1)", "language": "python"}).json()["stdout"] == "1\n"
+        text = a.get("/metrics").text
+        hits = float(text.split("\nexecbox_pool_hits ")[1].split()[0])
+        misses = float(text.split("\nexecbox_pool_misses ")[1].split()[0])
+        assert hits + misses == 1 and "execbox_pool_ready " in text

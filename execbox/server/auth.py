@@ -35,6 +35,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..egress.policy import NetworkPolicy
 from ..exceptions import ConfigurationError, InvalidRequestError
 from ..models import Limits
 from ..runtimes import RUNTIMES, get_runtime
@@ -81,6 +82,11 @@ class TenantPolicy(BaseModel):
     executions_per_minute: int = Field(60, ge=1, description="Executions started per sliding minute.")
     webhook_secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key of webhook signatures.")
     network: bool = Field(False, description="May use egress through the policy proxy (network.mode = 'proxy').")
+    egress: NetworkPolicy | None = Field(
+        None,
+        description="Ceiling on every run's own network policy: a request must be allowed by both"
+        " (e.g. allow = ['api.stripe.com', '*.github.com']). None: the run's policy alone decides.",
+    )
 
     @field_validator("api_keys")
     @classmethod

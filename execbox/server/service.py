@@ -66,6 +66,17 @@ class ExecutionService:
         self._tasks: dict[asyncio.Task[None], Job | None] = {}
         metrics.gauge("execbox_queue_waiting", "Requests waiting for an execution slot.", lambda: self.gate.waiting)
         metrics.gauge("execbox_jobs_stored", "Async executions held (any status).", lambda: len(self.jobs))
+        for field, help_ in (
+            ("hits", "Runs served by a ready pooled sandbox (since start)."),
+            ("misses", "Runs that waited for a fresh sandbox (since start)."),
+            ("miss_wait_ms", "Milliseconds runs spent waiting for fresh sandboxes (since start)."),
+            ("created", "Pooled sandboxes created by the refiller (since start)."),
+            ("create_failures", "Failed pooled sandbox creations (since start)."),
+            ("expired", "Pooled sandboxes replaced for age (since start)."),
+            ("dead", "Pooled sandboxes found dead when handed out (since start)."),
+            ("ready", "Pooled sandboxes ready now."),
+        ):
+            metrics.gauge(f"execbox_pool_{field}", help_, functools.partial(self._pool_stat, field))
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -74,6 +85,10 @@ class ExecutionService:
         if self.executor is None:
             raise ApiError(503, "starting", "the service is starting", retry_after=1)
         return self.executor
+
+    def _pool_stat(self, field: str) -> float:
+        stats = self.executor.pool_stats() if self.executor is not None else None
+        return float(getattr(stats, field)) if stats is not None else 0.0
 
     def prepare(self, tenant: Tenant, request: ExecutionRequest) -> ExecutionRequest:
         """The request as it will run: checked against the tenant's policy, limits fully resolved."""
@@ -157,7 +172,9 @@ class ExecutionService:
         started = time.monotonic()
         outcome = "failed"
         try:
-            call = functools.partial(executor.run, request, on_output, tenant=tenant.name)
+            call = functools.partial(
+                executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress
+            )
             result = await anyio.to_thread.run_sync(call, limiter=self._threads)
             bind(execution_id=result.id)  # for the request's access log line
             outcome = outcome_of(result)
