@@ -43,6 +43,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .egress.policy import NetworkPolicy
 from .engine.base import STDERR, Channel, Engine
 from .exceptions import (
     ConfigurationError,
@@ -138,7 +139,9 @@ class SessionCreateRequest(BaseModel):
     language: str = Field("python", description="python, javascript or bash (aliases: py, js, node, sh).")
     image: str | None = Field(None, description="Sandbox image or package image name; default: the service's.")
     limits: Limits | None = Field(None, description="Limits of the session's container; timeout is per call.")
-    network: Literal["none"] | None = Field(None, description="Sessions have no network ('none').")
+    network: NetworkPolicy | None = Field(
+        None, description="Sessions have no network: only 'none' (or a policy with mode 'none') is accepted."
+    )
     idle_timeout: float | None = Field(None, gt=0, description="Seconds unused after which the session ends.")
     max_lifetime: float | None = Field(None, gt=0, description="Seconds after creation at which the session ends.")
     repl: bool | None = Field(
@@ -151,6 +154,15 @@ class SessionCreateRequest(BaseModel):
     @classmethod
     def _user_id(cls, v: str) -> str:
         return check_id("user_id", v)
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v != "none":
+                raise ValueError("sessions have no network: only 'none'")
+            return {"mode": "none"}
+        return v
 
 
 class SessionExecuteRequest(BaseModel):
@@ -448,7 +460,7 @@ class Sessions:
         language: str = "python",
         image: str | None = None,
         limits: Limits | dict[str, Any] | None = None,
-        network: str | None = None,
+        network: str | NetworkPolicy | None = None,
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         *,
@@ -464,8 +476,10 @@ class Sessions:
             repl = runtime.name in REPL_ARGV
         elif repl and runtime.name not in REPL_ARGV:
             raise InvalidRequestError("repl", f"{runtime.name} sessions run each call afresh: use repl=false")
-        if network not in (None, "none"):
-            raise InvalidRequestError("network", "sessions have no network (only 'none')")
+        mode = network.mode if isinstance(network, NetworkPolicy) else network
+        if mode not in (None, "none"):
+            # Egress grants are per process (proxy credentials, network): a session would lose them on restart.
+            raise InvalidRequestError("network", "sessions have no network (only 'none'); use executions for egress")
         lim = self._limits(limits)
         cfg = self.config
         idle = cfg.idle_timeout if idle_timeout is None else float(idle_timeout)
@@ -761,7 +775,8 @@ class Sessions:
             raise SessionBusyError(f"session {rec.id} is still being created")
         rec.calls += 1
         rec.last_used_at = time.time()
-        self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update")
+        if not self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"):
+            raise SessionNotFoundError(f"no session {rec.id!r}")  # deleted just now
         started = time.monotonic()
         try:
             link = self._connect(rec)
@@ -823,6 +838,12 @@ class Sessions:
             self.engine.kill(link.container_id)
             killed = ended = True
         except _Gone:
+            if self._still_running(link.container_id):
+                # This connection broke (e.g. its relay was killed), not the session: the next call reconnects.
+                self._drop_link(rec.id, link)
+                raise SandboxError(
+                    f"session {rec.id}: the connection to it broke during the call (the session lives on)"
+                ) from None
             ended = True
         except (SandboxError, ValueError) as exc:
             self.engine.kill(link.container_id)
@@ -836,8 +857,7 @@ class Sessions:
             timed_out = bool(meta.get("timed_out"))
             oom = signal == 9 and not timed_out and bool(meta.get("oom_kills"))
         else:
-            state = self.engine.wait(link.container_id, 2.0) if not killed else None
-            oom = bool(state and state.oom_killed)
+            oom = not killed and self._oom_killed(link.container_id)
             exit_code, signal, timed_out = 137, 9, killed
         return SessionResult(
             session_id=rec.id,
@@ -944,6 +964,19 @@ class Sessions:
         if cid is not None:
             self._remove_container(cid)
         log.info("session %s ended: %s", rec.id, reason, extra={"session_id": rec.id, "tenant": rec.tenant})
+
+    def _still_running(self, cid: str) -> bool:
+        """After its stream ended: is the container running even so (only that connection broke)?"""
+        try:
+            return self.engine.wait(cid, 2.0).running
+        except EngineError:
+            return False  # gone (removed by the reaper or a delete)
+
+    def _oom_killed(self, cid: str) -> bool:
+        try:
+            return self.engine.state(cid).oom_killed
+        except EngineError:
+            return False
 
     def _drop_link(self, session_id: str, link: _Link) -> None:
         with self._lock:

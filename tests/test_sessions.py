@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from execbox import InvalidRequestError, SessionLimitError, SessionNotFoundError, Sessions
+from execbox import InvalidRequestError, SandboxError, SessionLimitError, SessionNotFoundError, Sessions
 from execbox.engine.base import Engine
 from execbox.exceptions import EngineError
 from execbox.sessions import RECORD_KIND, REGISTRY_LABEL, SESSION_LABEL
@@ -488,3 +488,27 @@ def test_session_records_hold_no_secret_in_the_public_view(sessions: Sessions, s
     s = sessions.create("alice", "bash")
     assert "token" not in json.loads(s.model_dump_json())
     assert store.get_record(RECORD_KIND, f"default/{s.id}")["token"]
+
+
+def test_a_broken_connection_is_not_a_dead_session(engine: Engine, store: StateStore) -> None:
+    with sessions_over(engine, store, start_reaper=False) as first:
+        s = first.create("alice", "python")
+        first.execute(s.id, "x = 41")
+        second = Sessions(engine, store, start_reaper=False)
+        try:
+            assert second.execute(s.id, "print(x)").stdout == "41\n"  # adopted: through a relay
+            kill_relay = (
+                "import os, signal\n"
+                "for p in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+                "    try:\n"
+                "        if b'--relay' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
+                "            os.kill(int(p), signal.SIGKILL)\n"
+                "    except OSError:\n"
+                "        pass\n"
+            )
+            with pytest.raises(SandboxError, match="the session lives on"):
+                second.execute(s.id, kill_relay)
+            r = second.execute(s.id, "print(x + 1)")  # a new relay
+            assert (r.stdout, r.repl_reset, r.session_ended) == ("42\n", False, False)
+        finally:
+            second.close()

@@ -118,6 +118,7 @@ def test_policy_validation_and_auth(engine: Engine, tmp_path: Path) -> None:
             ({"user_id": "u", "limits": {"memory": "1g"}}, "limits.memory"),  # alpha's maximum is 512m
             ({"user_id": "u", "idle_timeout": 10**7}, "idle_timeout"),
             ({"user_id": "u", "network": "bridge"}, "network"),
+            ({"user_id": "u", "network": {"mode": "proxy", "allow": ["example.com"]}}, "network"),
             ({"user_id": "../u"}, "user_id"),
             ({"user_id": "u", "surprise": 1}, "surprise"),
         ]
