@@ -240,7 +240,7 @@ class Warm:
             pass
 
 
-def run(req: dict[str, Any], out: Out, warm: Warm | None = None) -> int:
+def run(req: dict[str, Any], out: Out, warm: Warm | None = None, oom_before: int | None = None) -> int:
     workdir = req.get("workdir") or "/work"
     os.makedirs(workdir, exist_ok=True)
     _write_files(workdir, req)
@@ -249,7 +249,8 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None) -> int:
     stdin_data = base64.b64decode(req["stdin"]) if req.get("stdin") else b""
     env = req.get("env") or {}
 
-    oom_before = _oom_kills()
+    if oom_before is None:
+        oom_before = _oom_kills()
     started = time.monotonic()
     if warm is not None and req.get("warm"):
         proc = warm.start(req["filename"], env)
@@ -360,12 +361,13 @@ def main(argv: list[str]) -> int:
             if not warm.wait_ready(30.0):
                 warm.discard()
                 warm = None
+        oom_before = _oom_kills()  # read now, off the request's path
         out.send(b"K", b"")
         line = sys.stdin.buffer.readline(MAX_REQUEST_BYTES)
         if not line:
             return 125
         req = json.loads(line)
-        return run(req, out, warm)
+        return run(req, out, warm, oom_before)
     except Exception as exc:  # report, never hang the host
         try:
             out.send(b"X", f"{type(exc).__name__}: {exc}".encode("utf-8", "replace"))

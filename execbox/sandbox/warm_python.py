@@ -10,6 +10,8 @@ At the end it does what a normal exit does that a program can observe (wait for
 non-daemon threads, run atexit handlers, drop ``__main__``'s globals so their
 finalizers run and open files are flushed, flush stdio), then skips the teardown
 of the interpreter's own modules, which costs milliseconds and nothing else.
+(Objects kept alive only by reference cycles are not finalized at exit, which
+CPython does not promise either.)
 """
 
 import json
@@ -70,14 +72,12 @@ def _exit_status(code: object) -> int:
 
 def _finish(main: object, status: int) -> None:
     import atexit
-    import gc
     import threading
 
     try:
         threading._shutdown()  # type: ignore[attr-defined]
         atexit._run_exitfuncs()
         main.__dict__.clear()
-        gc.collect()
     except SystemExit as exc:  # sys.exit() in an atexit handler or a finalizer
         status = _exit_status(exc.code)
     except BaseException:
