@@ -160,6 +160,9 @@ def main() -> None:
             f"   pool-off / plain {p50s[lang, 'off'] / p50s[lang, 'plain']:.2f}"
         )
     cold.close()
+    if args.seconds <= 0:
+        warm.close()
+        return
 
     print(f"sustained: {args.clients} clients, {args.seconds:.0f} s each, python hello world")
     warm.pool.keep_ready(Profile.of(get_runtime("python"), warm.image, warm.config.default_limits), 4)  # type: ignore[union-attr]
