@@ -135,7 +135,10 @@ class SessionCreateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str = Field(description="The end user the session belongs to (caps count per user).")
+    user_id: str = Field(
+        description="The end user the session belongs to (caps count per user).",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"},
+    )
     language: str = Field("python", description="python, javascript or bash (aliases: py, js, node, sh).")
     image: str | None = Field(None, description="Sandbox image or package image name; default: the service's.")
     limits: Limits | None = Field(None, description="Limits of the session's container; timeout is per call.")

@@ -119,6 +119,7 @@ async def get_session(session_id: SessionId, tenant: TenantDep, sessions: Sessio
     responses={
         **_RESPONSES,
         409: {"model": ErrorResponse, "description": "Another call kept the session busy for too long."},
+        413: ERROR_RESPONSES[413],
         429: ERROR_RESPONSES[429],
         503: ERROR_RESPONSES[503],
     },
