@@ -24,7 +24,9 @@
 The client (``execbox.Client``) raises the same classes as the library for the
 same causes (``InvalidRequestError`` for a 413/422 naming the field,
 ``EngineUnavailableError``, ``ImageNotFoundError``, ``SandboxError``), and a
-``ServiceError`` subclass for what only a service can answer.
+``ServiceError`` subclass for what only a service can answer (a session that is
+not found is ``NotFoundError``, one over the caps ``QuotaExceededError``, a busy
+one a ``ServiceError`` with status 409).
 
 A timeout or an out-of-memory kill of the user's code is not an exception: it is
 reported on the result (``timed_out``, ``oom_killed``). Errors of the docker SDK
