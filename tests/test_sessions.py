@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from execbox import InvalidRequestError, SandboxError, SessionLimitError, SessionNotFoundError, Sessions
+from execbox import (
+    InvalidRequestError,
+    SandboxError,
+    SessionBusyError,
+    SessionLimitError,
+    SessionNotFoundError,
+    Sessions,
+)
 from execbox.engine.base import Engine
 from execbox.exceptions import EngineError
 from execbox.sessions import RECORD_KIND, REGISTRY_LABEL, SESSION_LABEL
@@ -512,3 +519,37 @@ def test_a_broken_connection_is_not_a_dead_session(engine: Engine, store: StateS
             assert (r.stdout, r.repl_reset, r.session_ended) == ("42\n", False, False)
         finally:
             second.close()
+
+
+def test_concurrent_calls_on_one_session_are_serialized(engine: Engine, store: StateStore) -> None:
+    import threading
+
+    with sessions_over(engine, store, start_reaper=False, busy_wait=0) as sessions:
+        s = sessions.create("alice", "python")
+        sessions.execute(s.id, "n = 0")
+        errors: list[BaseException] = []
+
+        def bump() -> None:
+            try:
+                for _ in range(5):
+                    r = sessions.execute(s.id, "v = n\nimport time\ntime.sleep(0.01)\nn = v + 1", timeout=5)
+                    assert r.exit_code == 0, r
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=bump) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert sessions.execute(s.id, "print(n)").stdout == "20\n"  # no call interleaved with another
+
+        # A call that finds the session busy for longer than its own timeout (+ busy_wait) gives up.
+        slow = threading.Thread(target=lambda: sessions.execute(s.id, "import time\ntime.sleep(8)", timeout=10))
+        slow.start()
+        eventually(lambda: sessions.get(s.id).calls == 23)  # the slow call holds the session now
+        with pytest.raises(SessionBusyError):
+            sessions.execute(s.id, "print(1)", timeout=1)
+        slow.join(60)
+        assert sessions.execute(s.id, "print(n)").stdout == "20\n"
