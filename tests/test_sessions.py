@@ -553,3 +553,18 @@ def test_concurrent_calls_on_one_session_are_serialized(engine: Engine, store: S
             sessions.execute(s.id, "print(1)", timeout=1)
         slow.join(60)
         assert sessions.execute(s.id, "print(n)").stdout == "20\n"
+
+
+def test_a_repl_that_closes_its_stdout_does_not_make_the_agent_spin(sessions: Sessions) -> None:
+    s = sessions.create("alice", "python")
+    agent_cpu = (
+        "import os\n"
+        "fields = open(f'/proc/{os.getppid()}/stat').read().rsplit(')', 1)[1].split()\n"
+        "print(int(fields[11]) + int(fields[12]), file=__import__('sys').stderr)\n"  # utime + stime, in ticks
+    )
+    assert sessions.execute(s.id, "import os\nos.close(1)").exit_code == 0
+    before = int(sessions.execute(s.id, agent_cpu).stderr)
+    time.sleep(1.0)  # between calls: a spinning agent would burn this whole second
+    r = sessions.execute(s.id, agent_cpu)
+    assert int(r.stderr) - before < 50  # ticks are 1/100 s: far less than the second that passed
+    assert sessions.execute(s.id, "import sys\n_ = sys.stderr.write('alive\\n')").stderr == "alive\n"

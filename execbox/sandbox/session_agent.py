@@ -129,6 +129,9 @@ class Worker:
         self.pidfd = os.pidfd_open(self.proc.pid)
         self._status = bytearray()
         self.closed = False
+        # Pipes at end of file (the program closed its stdout, say): never polled again, or
+        # select() would report them ready for ever and the agent would spin.
+        self.eof: set[int] = set()
 
     @property
     def pid(self) -> int:
@@ -138,6 +141,8 @@ class Worker:
         """Status lines available now (non-blocking)."""
         try:
             data = os.read(self.status_r, READ_CHUNK)
+            if not data:
+                self.eof.add(self.status_r)
         except BlockingIOError:
             data = b""
         self._status += data
@@ -172,9 +177,12 @@ class Worker:
         for _ in range(limit):
             try:
                 data = os.read(fd, READ_CHUNK)
-            except (BlockingIOError, OSError):
+            except BlockingIOError:
                 break
+            except OSError:
+                data = b""
             if not data:
+                self.eof.add(fd)
                 break
             chunks.append(data)
         return chunks
@@ -244,7 +252,8 @@ class Session:
         w = self.worker
         if w is None:
             return {}
-        return {w.out_fd: "discard", w.err_fd: "discard", w.pidfd: "worker", w.status_r: "discard-status"}
+        fds = {w.out_fd: "discard", w.err_fd: "discard", w.pidfd: "worker", w.status_r: "discard-status"}
+        return {fd: what for fd, what in fds.items() if fd not in w.eof}
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -334,8 +343,12 @@ class Session:
                     for st in w.statuses():
                         if str(st.get("id")) == call_id:
                             status = st
+                    if status is None and w.status_r in w.eof:
+                        died = True  # it can no longer report this call
                 elif tag == b"P":
                     died = True
+                if key.fd in w.eof and key.fd in sel.get_map():
+                    sel.unregister(key.fd)
         sel.close()
         duration = time.monotonic() - started
         signum: int | None = None
@@ -461,6 +474,9 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
                 w = session.worker
                 if key.fd == w.status_r:
                     w.statuses()
+                    if w.status_r in w.eof:  # it can no longer report a call: as good as dead
+                        session.end_worker()
+                        session.reset_pending = True
                 elif key.fd in (w.out_fd, w.err_fd):
                     w.drain(key.fd, limit=16)
         now = time.monotonic()
