@@ -320,6 +320,8 @@ class _Link:
         self.in_use = False
 
     def send(self, message: dict[str, Any]) -> None:
+        # One JSON line: json.dumps escapes control characters, so Docker's detach keys
+        # (ctrl-p ctrl-q), which would end an attach or exec stream, never appear in it.
         try:
             self.channel.send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
         except OSError as exc:
