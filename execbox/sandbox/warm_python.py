@@ -20,6 +20,11 @@ import sys
 
 
 def _main() -> None:
+    # Imported now, before the request, rather than on the program's clock.
+    import atexit  # noqa: F401
+    import threading  # noqa: F401
+    import types
+
     ctrl, ready = int(sys.argv[1]), int(sys.argv[2])
     os.write(ready, b"R")
     os.close(ready)
@@ -36,8 +41,6 @@ def _main() -> None:
     path = os.path.abspath(msg["file"])
     sys.argv = [msg["file"]]
     sys.path[0] = os.path.dirname(path)
-    import types
-
     main = types.ModuleType("__main__")
     main.__file__ = path
     sys.modules["__main__"] = main
