@@ -55,6 +55,25 @@ FileBytes = Annotated[
 MAX_COLLECT_PATTERNS = 32
 
 
+def check_code(code: str) -> str:
+    """Program text that is not blank and has no NUL byte."""
+    if not code.strip():
+        raise ValueError("code is empty")
+    if "\0" in code:
+        raise ValueError("code contains a NUL byte")
+    return code
+
+
+def check_env(env: dict[str, str]) -> dict[str, str]:
+    """POSIX variable names, values without NUL bytes."""
+    for name, value in env.items():
+        if not ENV_NAME_RE.match(name):
+            raise ValueError(f"invalid environment variable name {name!r}: use letters, digits and _")
+        if "\0" in value:
+            raise ValueError(f"environment variable {name} contains a NUL byte")
+    return env
+
+
 def check_rel_path(path: str, what: str = "path") -> str:
     """A relative path that stays inside the working directory."""
     parts = path.split("/")
@@ -158,22 +177,13 @@ class ExecutionRequest(BaseModel):
 
     @field_validator("code")
     @classmethod
-    def _code_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("code is empty")
-        if "\0" in v:
-            raise ValueError("code contains a NUL byte")
-        return v
+    def _code(cls, v: str) -> str:
+        return check_code(v)
 
     @field_validator("env")
     @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, value in v.items():
-            if not ENV_NAME_RE.match(name):
-                raise ValueError(f"invalid environment variable name {name!r}: use letters, digits and _")
-            if "\0" in value:
-                raise ValueError(f"environment variable {name} contains a NUL byte")
-        return v
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_env(v)
 
     @field_validator("files")
     @classmethod

@@ -58,7 +58,7 @@ from .exceptions import (
 from .hardening import WORKDIR, sandbox_spec
 from .images import SANDBOX_DIR, default_image
 from .labels import KIND, OWNER, labels_for, owner_alive, owner_id
-from .models import DEFAULT_MAX_LIMITS, ENV_NAME_RE, Limits
+from .models import DEFAULT_MAX_LIMITS, Limits, check_code, check_env
 from .protocol import FrameDecoder
 from .runtimes import get_runtime
 from .state import StateBusyError, StateStore, check_id
@@ -121,15 +121,6 @@ class SessionsConfig(BaseModel):
     uid_count: int = Field(100_000, ge=16)
 
 
-def _check_env(v: dict[str, str]) -> dict[str, str]:
-    for name, value in v.items():
-        if not ENV_NAME_RE.match(name):
-            raise ValueError(f"invalid environment variable name {name!r}: use letters, digits and _")
-        if "\0" in value:
-            raise ValueError(f"environment variable {name} contains a NUL byte")
-    return v
-
-
 class SessionCreateRequest(BaseModel):
     """``POST /v1/sessions``."""
 
@@ -180,16 +171,12 @@ class SessionExecuteRequest(BaseModel):
     @field_validator("code")
     @classmethod
     def _code(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("code is empty")
-        if "\0" in v:
-            raise ValueError("code contains a NUL byte")
-        return v
+        return check_code(v)
 
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_env(v)
+        return check_env(v)
 
 
 class SessionInfo(BaseModel):
