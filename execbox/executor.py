@@ -373,6 +373,7 @@ class Executor:
             self.pool.close()
         for sb in self.factory.live():
             self.factory.destroy(sb)
+        self.factory.retry_removals()
         if self._owns_egress and self._egress is not None:
             self._egress.close()
 

@@ -54,4 +54,8 @@ def sandbox_spec(
         network_mode=network_mode,
         working_dir=WORKDIR,
         volumes=dict(volumes or {}),
+        # On a network, names are the proxy's business: the engine's embedded DNS gets no
+        # answer through the firewall, and the resolver's default (5 s x 2 tries) would
+        # hang a program that looks a name up itself for 10 s. Give up after one second.
+        dns_options=("timeout:1", "attempts:1") if network_mode != "none" else (),
     )

@@ -125,6 +125,7 @@ class SandboxFactory:
         self.ttl = ttl
         self._live: dict[str, Sandbox] = {}
         self._lock = threading.Lock()
+        self._unremoved: set[str] = set()
         self.made = 0
 
     def make(self, profile: Profile, kind: str = "run", ready_timeout: float | None = None) -> Sandbox:
@@ -207,8 +208,26 @@ class SandboxFactory:
     def _remove_quietly(self, sid: str) -> None:
         try:
             self.engine.remove(sid)
-        except Exception:
-            log.warning("could not remove sandbox %s; the reaper will", sid[:12], exc_info=True)
+        except Exception as exc:
+            # Engine down or refusing: try again later (retry_removals), and the
+            # labels let the reaper collect it should this process die first.
+            log.warning("could not remove sandbox %s (will retry): %s", sid[:12], str(exc))
+            with self._lock:
+                self._unremoved.add(sid)
+
+    def retry_removals(self) -> int:
+        """Retry removals that failed (e.g. while the engine restarted); return how many are left."""
+        with self._lock:
+            pending = list(self._unremoved)
+        for sid in pending:
+            try:
+                self.engine.remove(sid)
+            except Exception:
+                continue
+            with self._lock:
+                self._unremoved.discard(sid)
+        with self._lock:
+            return len(self._unremoved)
 
     def live(self) -> list[Sandbox]:
         with self._lock:
@@ -380,6 +399,7 @@ class Pool:
             quiet = self._last_handout + self.refill_delay - time.monotonic()
             if quiet > 0:
                 time.sleep(quiet)
+            self.factory.retry_removals()
             expired: list[Sandbox] = []
             launches: list[Profile] = []
             now = time.monotonic()
@@ -408,7 +428,10 @@ class Pool:
         except Exception as exc:
             self._backoff = min(max(self._backoff * 2, 0.1), 5.0)
             log.warning(
-                "pool: could not create a %s sandbox (retrying in %.1f s): %s", profile.language, self._backoff, exc
+                "pool: could not create a %s sandbox (retrying in %.1f s): %s",
+                profile.language,
+                self._backoff,
+                str(exc),
             )
         else:
             self._backoff = 0.0

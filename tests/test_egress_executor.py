@@ -123,3 +123,16 @@ def test_tenant_ceiling_caps_the_runs_policy(ex: Executor, upstream: Upstream) -
     r = ex.run(req, network_ceiling=NetworkPolicy(mode="proxy", allow=[PLAIN_HOST]))
     assert r.stdout == "plain 200\nother 403\n", r.stderr
     assert [e.decision for e in r.network_log] == ["allowed", "denied"]
+
+
+def test_dns_lookups_give_up_quickly(ex: Executor) -> None:
+    # Names are resolved by the proxy; a lookup in the sandbox must fail, and not hang
+    # (it used to wait 10 s per lookup on the engine's embedded DNS: 3 would time out).
+    r = ex.execute(
+        "import socket\nfor i in range(3):\n    try:\n        socket.getaddrinfo('plain.example.test', 80)\n"
+        "        print('resolved')\n    except socket.gaierror:\n        print('failed')",
+        language="python",
+        network={"mode": "proxy", "allow": [PLAIN_HOST]},
+        timeout=8,
+    )
+    assert not r.timed_out and r.stdout == "failed\nfailed\nfailed\n", r

@@ -38,6 +38,7 @@ class SandboxSpec:
     shm_bytes: int = 16 << 20
     env: dict[str, str] = field(default_factory=dict)  # never secrets: sandbox-wide constants only
     volumes: dict[str, str] = field(default_factory=dict)  # named volume -> mount path (per-user data)
+    dns_options: tuple[str, ...] = ()  # resolv.conf options (egress runs: give up on lookups quickly)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ class DockerEngine(Engine):
             log_config=LogConfig(type="none"),
             auto_remove=False,
             mounts=[Mount(target=path, source=name, type="volume") for name, path in spec.volumes.items()] or None,
+            dns_opt=list(spec.dns_options) or None,
         )
         return host_config
 
