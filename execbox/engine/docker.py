@@ -25,6 +25,26 @@ log = logging.getLogger("execbox.engine.docker")
 _HEADER = struct.Struct(">BxxxI")
 
 
+def _connect_closing_on_failure(self: Any) -> None:
+    # docker-py's UnixHTTPConnection.connect leaks its socket when the connect fails
+    # (dockerd down or restarting): every retry would leave an open fd behind.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(self.timeout)
+    try:
+        sock.connect(self.unix_socket)
+    except BaseException:
+        sock.close()
+        raise
+    self.sock = sock
+
+
+def _patch_unix_connect() -> None:
+    from docker.transport import unixconn
+
+    if getattr(unixconn.UnixHTTPConnection.connect, "__name__", "") != _connect_closing_on_failure.__name__:
+        unixconn.UnixHTTPConnection.connect = _connect_closing_on_failure
+
+
 @contextmanager
 def _translate(what: str) -> Iterator[None]:
     """Map docker SDK / transport errors onto the execbox tree."""
@@ -103,6 +123,7 @@ class DockerEngine(Engine):
     name = "docker"
 
     def __init__(self, client: docker.APIClient) -> None:
+        _patch_unix_connect()
         self.api = client
 
     @classmethod
