@@ -21,6 +21,7 @@ from .hardening import WORKDIR
 from .images import default_image
 from .models import ExecutionRequest, ExecutionResult, Limits
 from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory, UidAllocator
+from .protocol import CappedOutput
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
 from .state import StateStore, check_id, extract_state, state_env
@@ -34,28 +35,6 @@ OutputCallback = Callable[[str, bytes], None]
 """Called with ("stdout" | "stderr", chunk) as output arrives (within the caps)."""
 
 _AGENT_STDERR_CAP = 16 << 10
-
-
-class _Capture:
-    """Output of one stream, capped: the excess is counted, never stored."""
-
-    def __init__(self, name: str, cap: int, on_output: OutputCallback | None) -> None:
-        self.name, self.cap, self.on_output = name, cap, on_output
-        self.buf = bytearray()
-        self.truncated = False
-
-    def add(self, data: bytes) -> None:
-        room = self.cap - len(self.buf)
-        if len(data) > room:
-            self.truncated = True
-            data = data[: max(room, 0)]
-        if data:
-            self.buf += data
-            if self.on_output is not None:
-                self.on_output(self.name, data)
-
-    def text(self) -> str:
-        return self.buf.decode("utf-8", "replace")
 
 
 class Executor:
@@ -393,8 +372,8 @@ class Executor:
         on_output: OutputCallback | None,
         started: float,
     ) -> ExecutionResult:
-        out = _Capture("stdout", limits.output_bytes, on_output)
-        err = _Capture("stderr", limits.output_bytes, on_output)
+        out = CappedOutput(limits.output_bytes, "stdout", on_output)
+        err = CappedOutput(limits.output_bytes, "stderr", on_output)
         agent_stderr = bytearray()
         sid, chan, decoder = sb.id, sb.channel, sb.decoder
         decoder.max_frame = max(limits.output_bytes, 1 << 16) + (1 << 16)

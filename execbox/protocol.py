@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .exceptions import SandboxError
 
-__all__ = ["FrameDecoder", "KINDS"]
+__all__ = ["KINDS", "CappedOutput", "FrameDecoder"]
 
 _HEAD = struct.Struct(">cI")
 KINDS = {b"K", b"O", b"E", b"F", b"R", b"X"}
@@ -36,3 +36,28 @@ class FrameDecoder:
             payload = bytes(self._buf[_HEAD.size : end])
             del self._buf[:end]
             yield kind, payload
+
+
+class CappedOutput:
+    """One output stream, capped at ``cap`` bytes: the excess is noted, never stored.
+
+    ``on_output(name, chunk)`` sees each kept chunk as it arrives (streaming).
+    """
+
+    def __init__(self, cap: int, name: str = "", on_output: Callable[[str, bytes], None] | None = None) -> None:
+        self.name, self.cap, self.on_output = name, cap, on_output
+        self.buf = bytearray()
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = self.cap - len(self.buf)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        if data:
+            self.buf += data
+            if self.on_output is not None:
+                self.on_output(self.name, data)
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", "replace")

@@ -59,7 +59,7 @@ from .hardening import WORKDIR, sandbox_spec
 from .images import SANDBOX_DIR, default_image
 from .labels import KIND, OWNER, labels_for, owner_alive, owner_id
 from .models import DEFAULT_MAX_LIMITS, Limits, check_code, check_env
-from .protocol import FrameDecoder
+from .protocol import CappedOutput, FrameDecoder
 from .runtimes import get_runtime
 from .state import StateBusyError, StateStore, check_id
 
@@ -366,23 +366,6 @@ def _exec_channel(engine: Engine, container_id: str, argv: tuple[str, ...], user
     except Exception as exc:  # docker SDK errors never reach callers
         raise EngineError(f"exec in session container {container_id[:12]}: {exc}") from exc
     return DockerChannel(getattr(io, "_sock", io), io)
-
-
-class _Capture:
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.buf = bytearray()
-        self.truncated = False
-
-    def add(self, data: bytes) -> None:
-        room = self.cap - len(self.buf)
-        if len(data) > room:
-            self.truncated = True
-            data = data[: max(room, 0)]
-        self.buf += data
-
-    def text(self) -> str:
-        return self.buf.decode("utf-8", "replace")
 
 
 def _default_store() -> StateStore:
@@ -800,7 +783,7 @@ class Sessions:
     ) -> SessionResult:
         cap = rec.limits.output_bytes
         link.decoder.max_frame = max(cap, 1 << 16) + (1 << 16)
-        out, err = _Capture(cap), _Capture(cap)
+        out, err = CappedOutput(cap), CappedOutput(cap)
         meta: dict[str, Any] | None = None
         ended = killed = False
         deadline = time.monotonic() + timeout + self.config.interrupt_grace + _RESTART_SLACK

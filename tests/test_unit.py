@@ -139,3 +139,14 @@ def test_agent_refuses_path_traversal(tmp_path: Path) -> None:
     frames, rc = _run_agent(tmp_path / "w", code="print(1)", files={"../evil": base64.b64encode(b"x").decode()})
     assert rc == 125 and frames[0][0] == b"X" and b"bad file path" in frames[0][1]
     assert not (tmp_path / "evil").exists()
+
+
+def test_capped_output_keeps_the_cap_and_streams_what_it_keeps() -> None:
+    from execbox.protocol import CappedOutput
+
+    seen: list[tuple[str, bytes]] = []
+    out = CappedOutput(5, "stdout", lambda name, chunk: seen.append((name, chunk)))
+    for chunk in (b"abc", b"defg", b"hij"):
+        out.add(chunk)
+    assert out.text() == "abcde" and out.truncated
+    assert seen == [("stdout", b"abc"), ("stdout", b"de")]
