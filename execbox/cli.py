@@ -32,6 +32,18 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _outcome_notes(result: Any) -> list[str]:
+    """What the user should know about how a run or session call ended."""
+    notes = []
+    if result.timed_out:
+        notes.append("timed out")
+    if result.oom_killed:
+        notes.append("killed: out of memory")
+    if result.output_truncated:
+        notes.append("output truncated")
+    return notes
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import Executor
 
@@ -87,26 +99,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.model_dump(), indent=2))
     else:
-        notes = []
-        if result.timed_out:
-            notes.append("timed out")
-        if result.oom_killed:
-            notes.append("killed: out of memory")
-        if result.output_truncated:
-            notes.append("output truncated")
-        if notes:
-            print(f"execbox: {', '.join(notes)}", file=sys.stderr)
+        _print_notes(result)
     return result.exit_code
 
 
 def _print_notes(result: Any) -> None:
-    notes = []
-    if result.timed_out:
-        notes.append("timed out")
-    if result.oom_killed:
-        notes.append("killed: out of memory")
-    if result.output_truncated:
-        notes.append("output truncated")
+    notes = _outcome_notes(result)
     if notes:
         print(f"execbox: {', '.join(notes)}", file=sys.stderr)
 
@@ -365,13 +363,7 @@ def _cmd_session_exec(args: argparse.Namespace) -> int:
         return int(result.exit_code)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
-    notes = []
-    if result.timed_out:
-        notes.append("timed out")
-    if result.oom_killed:
-        notes.append("killed: out of memory")
-    if result.output_truncated:
-        notes.append("output truncated")
+    notes = _outcome_notes(result)
     if result.repl_reset:
         notes.append("the REPL was restarted: earlier variables are gone")
     if result.session_ended:

@@ -244,3 +244,15 @@ def test_cli_bad_input_exit_code_and_message() -> None:
     assert r.returncode == 2 and "invalid language" in r.stderr and "cobol" in r.stderr
     r = subprocess.run([CLI, "run", "-c", "x", "-e", "9X=1"], capture_output=True, text=True)
     assert r.returncode == 2 and "env" in r.stderr
+
+
+def test_cli_says_how_a_run_ended() -> None:
+    r = subprocess.run(
+        [CLI, "run", "-l", "bash", "-c", "echo hi; sleep 5", "--timeout", "0.5"], capture_output=True, text=True
+    )
+    assert (r.returncode, r.stdout) == (137, "hi\n")
+    assert r.stderr.strip().endswith("execbox: timed out")
+    r = subprocess.run(
+        [CLI, "run", "-l", "python", "-c", "print('x' * 5000)", "--output-bytes", "100"], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and len(r.stdout) == 100 and "execbox: output truncated" in r.stderr

@@ -51,11 +51,34 @@ def _encode(body: bytes | str | dict[str, Any] | list[Any]) -> tuple[bytes, str 
     return json.dumps(body).encode(), "application/json"
 
 
-class HookRequest:
-    """A request on its way out (wraps the proxy's request object)."""
+class _Message:
+    """What requests and responses share: headers and a body (decoded content)."""
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
+
+    @property
+    def headers(self) -> MutableMapping[str, str]:
+        headers: MutableMapping[str, str] = self._raw.headers
+        return headers
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self._raw.get_content(strict=False) or b"")
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._raw.content = value
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class HookRequest(_Message):
+    """A request on its way out (wraps the proxy's request object)."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__(raw)
         self.blocked: str | None = None
         self.mock: tuple[int, bytes, dict[str, str]] | None = None
 
@@ -87,22 +110,6 @@ class HookRequest:
     def url(self) -> str:
         return str(self._raw.pretty_url)
 
-    @property
-    def headers(self) -> MutableMapping[str, str]:
-        headers: MutableMapping[str, str] = self._raw.headers
-        return headers
-
-    @property
-    def body(self) -> bytes:
-        return bytes(self._raw.get_content(strict=False) or b"")
-
-    @body.setter
-    def body(self, value: bytes) -> None:
-        self._raw.content = value
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
     def block(self, reason: str = "blocked by a hook") -> None:
         """Refuse the request: the sandbox gets a 403 with this reason."""
         self.blocked = reason
@@ -121,11 +128,8 @@ class HookRequest:
         self.mock = (status, data, hdrs)
 
 
-class HookResponse:
+class HookResponse(_Message):
     """A response on its way back to the sandbox."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
 
     @property
     def status(self) -> int:
@@ -134,22 +138,6 @@ class HookResponse:
     @status.setter
     def status(self, value: int) -> None:
         self._raw.status_code = value
-
-    @property
-    def headers(self) -> MutableMapping[str, str]:
-        headers: MutableMapping[str, str] = self._raw.headers
-        return headers
-
-    @property
-    def body(self) -> bytes:
-        return bytes(self._raw.get_content(strict=False) or b"")
-
-    @body.setter
-    def body(self, value: bytes) -> None:
-        self._raw.content = value
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
     def set_json(self, value: Any) -> None:
         self.body = json.dumps(value).encode()
