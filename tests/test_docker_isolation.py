@@ -162,8 +162,10 @@ def _cli(*args: str) -> subprocess.Popen[bytes]:
 
 
 def test_sigkill_of_cli_then_gc_leaves_nothing(engine: Engine) -> None:
-    with _cli("run", "-l", "bash", "-c", "sleep 60", "--timeout", "120") as proc:
+    with _cli("run", "-l", "bash", "-c", "echo up; sleep 60", "--timeout", "120") as proc:
         cid = _wait_for_container(engine, proc.pid)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"  # killed mid-run, not before the code started
         proc.kill()
         proc.wait()
     assert engine.state(cid).running  # orphaned: nobody removed it
