@@ -10,6 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from ..exceptions import EngineError
+
 __all__ = ["Channel", "Engine", "ResourceInfo", "SandboxSpec", "SandboxState"]
 
 STDOUT = 1
@@ -122,6 +124,24 @@ class Engine(ABC):
 
     @abstractmethod
     def remove_resource(self, resource: ResourceInfo) -> None: ...
+
+    # -- named volumes (per-user data; engines without them refuse) ----------------------------
+
+    def ensure_volume(self, name: str, device: str, labels: dict[str, str]) -> None:
+        """Create volume ``name`` as a bind of the host directory ``device``, unless it exists."""
+        raise EngineError(f"the {self.name} engine has no volumes")
+
+    def volume_labels(self, name: str) -> dict[str, str] | None:
+        """The volume's labels, or None if there is no such volume."""
+        raise EngineError(f"the {self.name} engine has no volumes")
+
+    def remove_volume(self, name: str) -> bool:
+        """Remove the volume (False: there was none); ``VolumeBusyError`` while a container uses it."""
+        raise EngineError(f"the {self.name} engine has no volumes")
+
+    def volume_in_use(self, name: str) -> bool:
+        """True while a running sandbox mounts the volume (whoever made it)."""
+        raise EngineError(f"the {self.name} engine has no volumes")
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the engine client."""

@@ -16,7 +16,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
-from ..exceptions import EngineError, EngineUnavailableError, ImageNotFoundError
+from ..exceptions import EngineError, EngineUnavailableError, ImageNotFoundError, VolumeBusyError
 from .base import STDERR, STDOUT, Channel, Engine, ResourceInfo, SandboxSpec, SandboxState
 
 __all__ = ["DockerEngine"]
@@ -249,6 +249,40 @@ class DockerEngine(Engine):
         except EngineError as exc:
             if "no such" not in str(exc).lower() and "not found" not in str(exc).lower():
                 raise
+
+    def ensure_volume(self, name: str, device: str, labels: dict[str, str]) -> None:
+        if self.volume_labels(name) is not None:
+            return
+        with _translate("create volume"):
+            self.api.create_volume(
+                name=name, driver="local", driver_opts={"type": "none", "o": "bind", "device": device}, labels=labels
+            )
+
+    def volume_labels(self, name: str) -> dict[str, str] | None:
+        try:
+            with _translate("inspect volume"):
+                return dict(self.api.inspect_volume(name).get("Labels") or {})
+        except EngineError as exc:
+            if "no such volume" in str(exc).lower():
+                return None
+            raise
+
+    def remove_volume(self, name: str) -> bool:
+        try:
+            with _translate("remove volume"):
+                self.api.remove_volume(name)
+            return True
+        except EngineError as exc:
+            text = str(exc).lower()
+            if "in use" in text:
+                raise VolumeBusyError(f"volume {name} is in use by a sandbox") from exc
+            if "no such volume" in text or "not found" in text:
+                return False
+            raise
+
+    def volume_in_use(self, name: str) -> bool:
+        with _translate("list containers of a volume"):
+            return bool(self.api.containers(filters={"volume": name, "status": "running"}, quiet=True))
 
     def close(self) -> None:
         self.api.close()
