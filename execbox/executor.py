@@ -15,6 +15,7 @@ import pydantic
 
 from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
+from .engine import open_engine
 from .engine.base import STDERR, Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
@@ -49,7 +50,7 @@ class Executor:
 
     def __init__(
         self,
-        engine: Engine | None = None,
+        engine: Engine | str | None = None,
         config: ExecutorConfig | None = None,
         *,
         state_store: StateStore | None = None,
@@ -67,10 +68,8 @@ class Executor:
                 raise _invalid(exc, prefix="") from None
         elif options:
             config = config.model_copy(update=options)
-        if engine is None:
-            from .engine.docker import DockerEngine
-
-            engine = DockerEngine.from_env()
+        if engine is None or isinstance(engine, str):
+            engine = open_engine(engine)
         self.engine = engine
         self.config = config
         self.image = default_image()
@@ -318,7 +317,7 @@ class Executor:
         an unknown name is an ``InvalidRequestError`` on ``image``, raised before any
         container exists.
         """
-        from .imagebuild import resolve_image_name
+        from .images import resolve_image_name
 
         return resolve_image_name(self.engine, name or self.image)
 

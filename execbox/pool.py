@@ -231,6 +231,7 @@ class PoolStats:
     dead: int = 0
     ready: int = 0
     creating: int = 0
+    refill_passes: int = 0  # passes of the refiller (each may start creations, within the caps)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -401,6 +402,7 @@ class Pool:
                         have += 1
                         total += 1
                 self._stats.expired += len(expired)
+                self._stats.refill_passes += 1
             for sb in expired:
                 self.retire(sb)
             for profile in launches:

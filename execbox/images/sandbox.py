@@ -12,12 +12,10 @@ recipe changes:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,9 +24,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .exceptions import EngineError
+from ..engine.base import Engine
+from ..exceptions import EngineError
 
-__all__ = ["RootfsRecipe", "build_images", "default_image", "sandbox_files"]
+__all__ = ["IMAGE_LABEL", "SANDBOX_DIR", "Progress", "RootfsRecipe", "build_images", "default_image", "sandbox_files"]
 
 log = logging.getLogger("execbox.images")
 Progress = Callable[[str], None]
@@ -99,7 +98,7 @@ def _run(cmd: list[str], progress: Progress, **kw: Any) -> None:
         raise EngineError(f"{cmd[0]} failed (exit {proc.returncode}):\n{tail}")
 
 
-def build_rootfs(api: Any, recipe: RootfsRecipe, progress: Progress) -> str:
+def build_rootfs(engine: Engine, recipe: RootfsRecipe, progress: Progress) -> str:
     """debootstrap the recipe into a temporary folder and import it as an image."""
     if shutil.which("debootstrap") is None:
         raise EngineError("debootstrap is not installed (apt-get install -y debootstrap)")
@@ -127,63 +126,35 @@ def build_rootfs(api: Any, recipe: RootfsRecipe, progress: Progress) -> str:
         (root / "work").chmod(0o1777)
         tarball = Path(tmp) / "rootfs.tar"
         _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(tarball), "."], progress)
-        repo, tag = recipe.tag.split(":")
         progress(f"importing {recipe.tag} ...")
-        api.import_image(src=str(tarball), repository=repo, tag=tag, changes=[f"LABEL {IMAGE_LABEL}=rootfs"])
+        engine.import_image(tarball, recipe.tag, {IMAGE_LABEL: "rootfs"})
     return recipe.tag
 
 
-def build_sandbox(api: Any, rootfs_tag: str, progress: Progress) -> str:
+def build_sandbox(engine: Engine, rootfs_tag: str, progress: Progress) -> str:
     files = sandbox_files()
     tag = f"execbox-sandbox:{_sandbox_digest(rootfs_tag, files)}"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in [("Dockerfile", _dockerfile(rootfs_tag).encode())] + [
-            (f"files/{n}", d) for n, d in files.items()
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
+    context = {"Dockerfile": (_dockerfile(rootfs_tag).encode(), 0o644)}
+    context.update({f"files/{n}": (d, 0o644) for n, d in files.items()})
     progress(f"building {tag} ...")
-    for chunk in api.build(
-        fileobj=buf,
-        custom_context=True,
-        tag=tag,
-        rm=True,
-        forcerm=True,
-        decode=True,
-        labels={IMAGE_LABEL: "sandbox"},
-    ):
-        if "error" in chunk:
-            raise EngineError(f"image build failed: {chunk['error']}")
-        line = (chunk.get("stream") or "").strip()
-        if line:
-            progress(line)
+    for line in engine.build_image(context, tag, {IMAGE_LABEL: "sandbox"}):
+        progress(line)
     return tag
 
 
 def build_images(
-    api: Any, recipe: RootfsRecipe | None = None, progress: Progress = log.info, force: bool = False
+    engine: Engine, recipe: RootfsRecipe | None = None, progress: Progress = log.info, force: bool = False
 ) -> str:
     """Build whatever of the default images is missing; return the sandbox image tag."""
     recipe = recipe or RootfsRecipe()
-
-    def exists(tag: str) -> bool:
-        try:
-            api.inspect_image(tag)
-            return True
-        except Exception:
-            return False
-
+    exists = engine.image_exists
     if force or not exists(recipe.tag):
-        build_rootfs(api, recipe, progress)
+        build_rootfs(engine, recipe, progress)
     else:
         progress(f"{recipe.tag} is up to date")
     tag = default_image(recipe)
     if force or not exists(tag):
-        build_sandbox(api, recipe.tag, progress)
+        build_sandbox(engine, recipe.tag, progress)
     else:
         progress(f"{tag} is up to date")
     return tag
