@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "settings_table"]
 
 
 class Settings(BaseSettings):
@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXECBOX_", extra="ignore", frozen=True)
 
     host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(8080, ge=0, le=65535, description="Port to bind.")
 
     tenants_file: Path | None = Field(None, description="TOML file of tenants and their hashed API keys.")
     api_keys: dict[str, str] = Field(
@@ -98,3 +98,14 @@ class Settings(BaseSettings):
     def state_store(self) -> str:
         """The URL of the state store: ``state_url``, else SQLite in data_dir (the embedded default)."""
         return self.state_url or f"sqlite:///{self.data_dir}/state.db"
+
+
+def settings_table() -> str:
+    """The README's table of settings (a test checks that the README holds exactly this)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        shown = "-" if default in (None, {}, "") else f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `EXECBOX_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
