@@ -120,7 +120,7 @@ class SandboxFactory:
             profile.image,
             uid,
             labels_for(kind, self.ttl),
-            profile.network,
+            None if profile.network == "none" else profile.network,
             command=command,
             volumes={profile.volume: "/data"} if profile.volume else None,
         )

@@ -19,12 +19,11 @@ another netlink protocol with EPROTONOSUPPORT. ``socketpair`` is AF_UNIX only.
 
 from __future__ import annotations
 
-import json
 import platform
 from functools import cache
 from typing import Any
 
-__all__ = ["ALLOWED_FAMILIES", "DENIED", "profile", "profile_json"]
+__all__ = ["ALLOWED_FAMILIES", "DENIED", "profile"]
 
 EPERM = 1
 ENOSYS = 38
@@ -140,8 +139,3 @@ def _socket_rules() -> list[dict[str, Any]]:
         names = ["socketpair"] if af in ALLOWED_FAMILIES else ["socket", "socketpair"]
         rules.append({"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT, "args": [_arg(0, af)]})
     return rules
-
-
-@cache
-def profile_json() -> str:
-    return json.dumps(profile(), separators=(",", ":"))

@@ -666,7 +666,7 @@ class Sessions:
         )
         # The registry owns a session's container, not this process: a restart must not orphan it.
         labels.pop(OWNER, None)
-        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, "none", command=AGENT)
+        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, command=AGENT)
         try:
             cid = self.engine.create(spec)
         except ImageNotFoundError as exc:

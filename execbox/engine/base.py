@@ -11,18 +11,45 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..exceptions import EngineError
 
-__all__ = ["Channel", "Engine", "ImageInfo", "NetworkInfo", "ResourceInfo", "SandboxSpec", "SandboxState"]
+__all__ = [
+    "Channel",
+    "Engine",
+    "ImageInfo",
+    "NetworkInfo",
+    "ResourceInfo",
+    "SandboxSpec",
+    "SandboxState",
+    "Tmpfs",
+]
 
 STDOUT = 1
 STDERR = 2
 
 
 @dataclass(frozen=True)
+class Tmpfs:
+    """A size- and inode-capped in-memory filesystem, owned by the sandbox's user."""
+
+    size: int  # bytes
+    inodes: int
+    mode: int  # e.g. 0o700, 0o1777
+    uid: int
+    nosuid: bool = True
+    nodev: bool = True
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
-    """Everything needed to create one sandbox container."""
+    """Everything needed to create one sandbox, in no engine's terms.
+
+    ``seccomp`` is a profile in the OCI format (as ``execbox.seccomp.profile()`` makes);
+    ``network`` is None (no network: loopback only) or the name of an internal network
+    made by ``Engine.ensure_internal_network``. Each engine maps these to its own kind.
+    """
 
     image: str
     command: tuple[str, ...]
@@ -31,11 +58,11 @@ class SandboxSpec:
     memory_bytes: int
     nano_cpus: int
     pids: int
-    tmpfs: dict[str, str]
-    seccomp_json: str
+    tmpfs: dict[str, Tmpfs]
+    seccomp: dict[str, Any]
     nofile: int = 1024
     nproc: int = 0
-    network_mode: str = "none"
+    network: str | None = None
     read_only: bool = True
     working_dir: str = "/work"
     hostname: str = "sandbox"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import select
 import socket
@@ -20,7 +21,18 @@ import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
 from ..exceptions import ConfigurationError, EngineError, EngineUnavailableError, ImageNotFoundError, VolumeBusyError
-from .base import STDERR, STDOUT, Channel, Engine, ImageInfo, NetworkInfo, ResourceInfo, SandboxSpec, SandboxState
+from .base import (
+    STDERR,
+    STDOUT,
+    Channel,
+    Engine,
+    ImageInfo,
+    NetworkInfo,
+    ResourceInfo,
+    SandboxSpec,
+    SandboxState,
+    Tmpfs,
+)
 
 __all__ = ["DockerEngine"]
 
@@ -61,6 +73,24 @@ def _translate(what: str) -> Iterator[None]:
         raise EngineUnavailableError(f"{what}: the Docker Engine does not answer ({exc})") from exc
     except docker.errors.DockerException as exc:
         raise EngineError(f"{what}: {exc}") from exc
+
+
+def _tmpfs_options(t: Tmpfs) -> str:
+    flags = ["rw"] + (["nosuid"] if t.nosuid else []) + (["nodev"] if t.nodev else [])
+    sizes = [f"size={t.size}", f"nr_inodes={t.inodes}", f"mode={t.mode:04o}", f"uid={t.uid}", f"gid={t.uid}"]
+    return ",".join(flags + sizes)
+
+
+_SECCOMP_JSON: dict[int, tuple[dict[str, Any], str]] = {}
+
+
+def _seccomp_json(profile: dict[str, Any]) -> str:
+    """The profile as Docker takes it (JSON), made once per profile object."""
+    cached = _SECCOMP_JSON.get(id(profile))
+    if cached is None or cached[0] is not profile:
+        cached = (profile, json.dumps(profile, separators=(",", ":")))
+        _SECCOMP_JSON[id(profile)] = cached
+    return cached[1]
 
 
 class DockerChannel(Channel):
@@ -155,15 +185,15 @@ class DockerEngine(Engine):
         if spec.nproc:
             ulimits.append(Ulimit(name="nproc", soft=spec.nproc, hard=spec.nproc))
         host_config: dict[str, Any] = self.api.create_host_config(
-            network_mode=spec.network_mode,
+            network_mode=spec.network or "none",
             read_only=spec.read_only,
-            tmpfs=spec.tmpfs,
+            tmpfs={path: _tmpfs_options(t) for path, t in spec.tmpfs.items()},
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges", f"seccomp={spec.seccomp_json}"],
+            security_opt=["no-new-privileges", f"seccomp={_seccomp_json(spec.seccomp)}"],
             init=True,
             ulimits=ulimits,
             shm_size=spec.shm_bytes,
@@ -187,7 +217,7 @@ class DockerEngine(Engine):
                 hostname=spec.hostname,
                 stdin_open=True,
                 tty=False,
-                network_disabled=spec.network_mode == "none",
+                network_disabled=spec.network is None,
                 host_config=self._host_config(spec),
             )
         return str(created["Id"])
