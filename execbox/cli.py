@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -169,14 +170,27 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_images_build(args: argparse.Namespace) -> int:
-    from .images import build_images, build_spec, host_ca_bundle, plan_spec
+    """Steps (and a live bar on a terminal) on stderr, every detail line in the log, results on stdout."""
+    from .images import BuildProgress
 
     specs = _specs_from_args(args)
     engine = _engine(args)
     engine.ping()
+    log_path: Path = args.log or Path(tempfile.gettempdir()) / "execbox-images-build.log"
+    with open(log_path, "w") as log:
+        progress = BuildProgress(sys.stderr, log)
+        try:
+            return _images_build(args, specs, engine, progress)
+        except BaseException:
+            progress.finish()
+            print(f"execbox: the build failed; its whole output is in {log_path}", file=sys.stderr)
+            raise
+        finally:
+            progress.finish()
 
-    def progress(message: str) -> None:
-        print(message, flush=True)
+
+def _images_build(args: argparse.Namespace, specs: list[Any], engine: Engine, progress: Any) -> int:
+    from .images import build_images, build_spec, host_ca_bundle, plan_spec
 
     # With specs, --force applies to them; the base images are only built when missing.
     tag = build_images(engine, progress=progress, force=args.force and not specs)
@@ -199,10 +213,7 @@ def _cmd_images_build(args: argparse.Namespace) -> int:
         return 0
     built = []
     for spec in specs:
-        progress(f"== image {spec.name!r} ({spec.origin}) ==")
-        t0 = time.monotonic()
         built.append((spec.name, build_spec(engine, spec, progress=progress, force=args.force, ca_bundle=ca)))
-        progress(f"== image {spec.name!r}: {time.monotonic() - t0:.0f} s ==")
     for name, spec_tag in built:
         print(f"{name}: {spec_tag}")
     return 0
@@ -503,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
         "build of exactly that spec exists. Run code in one with execute(..., image=NAME) or run --image NAME.",
     )
     build.add_argument("specs", nargs="*", metavar="SPEC", type=Path, help="image spec file (TOML)")
+    build.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="where every line of the build goes (default: execbox-images-build.log in the temp dir)",
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date (specs: without cache)")
     build.add_argument("--name", help="build a package image from the flags below, named NAME")
     build.add_argument("--description", help="what the image is for")

@@ -346,3 +346,16 @@ def test_service_runs_package_images_a_tenant_may_name(engine: Engine, tmp_path:
         with srv.client(KEY_B) as c:  # bravo may use the default image only
             r = c.post("/v1/execute", json={"code": code, "image": with_packages.name})
             assert r.status_code == 403 and r.json()["error"]["field"] == "image", r.text
+
+
+def test_cli_build_shows_steps_and_names_the_log_on_failure(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    name = f"broken-t{uuid.uuid4().hex[:8]}"
+    r = cli("images", "build", "--log", str(log), "--name", name, "--apt", "execbox-no-such-package")
+    assert r.returncode != 0
+    # Steps on stderr, one line each (not a terminal here); the build's own lines in the log.
+    assert f"[1] package image '{name}':" in r.stderr
+    assert f"the build failed; its whole output is in {log}" in r.stderr
+    text = log.read_text()
+    assert "execbox-no-such-package" in text and "Step 1/" in text
+    assert "Step 1/" not in r.stderr

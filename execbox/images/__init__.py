@@ -14,11 +14,13 @@ from .build import (
     remove_spec,
     resolve_image_name,
 )
-from .sandbox import IMAGE_LABEL, SANDBOX_DIR, Progress, RootfsRecipe, build_images, default_image, sandbox_files
+from .progress import BuildProgress, Progress, step
+from .sandbox import IMAGE_LABEL, SANDBOX_DIR, RootfsRecipe, build_images, default_image, sandbox_files
 from .spec import FileEntry, ImageSpec
 
 __all__ = [
     "IMAGE_LABEL",
+    "BuildProgress",
     "SANDBOX_DIR",
     "FileEntry",
     "ImageSpec",
@@ -36,4 +38,5 @@ __all__ = [
     "remove_spec",
     "resolve_image_name",
     "sandbox_files",
+    "step",
 ]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..engine.base import Engine, ImageInfo
 from ..exceptions import EngineError, ImageNotFoundError, InvalidRequestError
-from .sandbox import IMAGE_LABEL, Progress, RootfsRecipe, default_image
+from .progress import Progress, step
+from .sandbox import IMAGE_LABEL, RootfsRecipe, default_image
 from .spec import (
     BUILDTOOLS_REPO,
     NAME_MAX,
@@ -99,7 +100,7 @@ def ensure_buildtools(engine: Engine, builder_base: str, progress: Progress = lo
         raise ImageNotFoundError(f"image {builder_base} is not built (execbox images build)")
     dockerfile = buildtools_dockerfile(builder_base)
     if force or engine.image_info(tag) is None:
-        progress(f"building {tag} (pip and npm for build stages, from Debian) ...")
+        step(progress, f"build tools {tag} (pip and npm for build stages, from Debian)")
         t0 = time.monotonic()
         _build(engine, {"Dockerfile": (dockerfile.encode(), 0o644)}, tag, {IMAGE_LABEL: "buildtools"}, progress)
         progress(f"built {tag} in {time.monotonic() - t0:.0f} s")
@@ -149,7 +150,7 @@ def build_spec(
     """
     tag, plan, base = plan_spec(engine, spec, ca_bundle, progress)
     if force or engine.image_info(tag) is None:
-        progress(f"building {tag} on {base} ({spec.summary()}) ...")
+        step(progress, f"package image {spec.name!r}: {tag} on {base} ({spec.summary()})")
         t0 = time.monotonic()
         labels = {
             IMAGE_LABEL: "spec",

@@ -17,20 +17,17 @@ import logging
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from ..engine.base import Engine
 from ..exceptions import EngineError
+from .progress import Progress, step
 
-__all__ = ["IMAGE_LABEL", "SANDBOX_DIR", "Progress", "RootfsRecipe", "build_images", "default_image", "sandbox_files"]
+__all__ = ["IMAGE_LABEL", "SANDBOX_DIR", "RootfsRecipe", "build_images", "default_image", "sandbox_files"]
 
 log = logging.getLogger("execbox.images")
-Progress = Callable[[str], None]
 
 IMAGE_LABEL = "execbox.image"
 SANDBOX_DIR = "/opt/execbox"
@@ -91,11 +88,17 @@ def default_image(recipe: RootfsRecipe | None = None) -> str:
     return f"execbox-sandbox:{_sandbox_digest(rootfs, sandbox_files())}"
 
 
-def _run(cmd: list[str], progress: Progress, **kw: Any) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+def _run(cmd: list[str], progress: Progress) -> None:
+    """Run ``cmd``, each line of its output a detail line of ``progress``."""
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail = [*tail[-40:], line]
+            progress(line)
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise EngineError(f"{cmd[0]} failed (exit {proc.returncode}):\n{tail}")
+        raise EngineError(f"{cmd[0]} failed (exit {proc.returncode}):\n" + "\n".join(tail)[-2000:])
 
 
 def build_rootfs(engine: Engine, recipe: RootfsRecipe, progress: Progress) -> str:
@@ -104,8 +107,7 @@ def build_rootfs(engine: Engine, recipe: RootfsRecipe, progress: Progress) -> st
         raise EngineError("debootstrap is not installed (apt-get install -y debootstrap)")
     with tempfile.TemporaryDirectory(prefix="execbox-rootfs-", dir="/var/tmp") as tmp:
         root = Path(tmp) / "rootfs"
-        t0 = time.monotonic()
-        progress(f"debootstrap {recipe.suite} ({', '.join(recipe.packages)}) ...")
+        step(progress, f"debootstrap {recipe.suite} ({', '.join(recipe.packages)})")
         _run(
             [
                 "debootstrap",
@@ -117,7 +119,6 @@ def build_rootfs(engine: Engine, recipe: RootfsRecipe, progress: Progress) -> st
             ],
             progress,
         )
-        progress(f"debootstrap done in {time.monotonic() - t0:.0f} s")
         # Smaller image: package caches and lists are not needed at run time.
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
             shutil.rmtree(root / junk, ignore_errors=True)
@@ -125,8 +126,8 @@ def build_rootfs(engine: Engine, recipe: RootfsRecipe, progress: Progress) -> st
             (root / d).mkdir(parents=True, exist_ok=True)
         (root / "work").chmod(0o1777)
         tarball = Path(tmp) / "rootfs.tar"
+        step(progress, f"import {recipe.tag}")
         _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(tarball), "."], progress)
-        progress(f"importing {recipe.tag} ...")
         engine.import_image(tarball, recipe.tag, {IMAGE_LABEL: "rootfs"})
     return recipe.tag
 
@@ -136,7 +137,7 @@ def build_sandbox(engine: Engine, rootfs_tag: str, progress: Progress) -> str:
     tag = f"execbox-sandbox:{_sandbox_digest(rootfs_tag, files)}"
     context = {"Dockerfile": (_dockerfile(rootfs_tag).encode(), 0o644)}
     context.update({f"files/{n}": (d, 0o644) for n, d in files.items()})
-    progress(f"building {tag} ...")
+    step(progress, f"agent layer {tag}")
     for line in engine.build_image(context, tag, {IMAGE_LABEL: "sandbox"}):
         progress(line)
     return tag
