@@ -18,6 +18,10 @@ def _scrubbed(run: RunState, headers: dict[str, str]) -> dict[str, str]:
     return {k: run.scrub(v) for k, v in headers.items()}
 
 
+def _url(req: Any) -> str:
+    return f"{req.host}:{req.port}" if req.method == "CONNECT" else str(req.pretty_url)
+
+
 class NetworkLog:
     def _record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
         run = run_of(flow)
@@ -46,7 +50,7 @@ class NetworkLog:
             NetworkLogEntry(
                 time=started,
                 method=req.method,
-                url=run.scrub(str(flow.metadata.get(URL) or req.pretty_url)),
+                url=run.scrub(str(flow.metadata.get(URL) or _url(req))),
                 status=resp.status_code if resp is not None else None,
                 request_bytes=len(req.raw_content or b""),
                 response_bytes=len(resp.raw_content or b"") if resp is not None else 0,
@@ -63,6 +67,14 @@ class NetworkLog:
     @fail_closed("response")
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # A tunnel refused when it was asked for (its requests never happen): log the CONNECT.
+        if flow.response is not None and flow.metadata.get(DECISION) == "denied":
+            try:
+                self._record(flow)
+            except Exception:  # the refusal stands; only its log entry is lost
+                pass
 
     def error(self, flow: http.HTTPFlow) -> None:
         try:
