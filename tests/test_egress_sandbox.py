@@ -205,7 +205,8 @@ def test_node_http_https_and_fetch_go_through_the_proxy(world: World) -> None:
         ],
         "http_denied": [
             "error",
-            f"egress proxy refused {OTHER_HOST}:80: HTTP/1.1 403 Forbidden ({OTHER_HOST}:80 is not allowed by the policy)",
+            f"egress proxy refused {OTHER_HOST}:80: HTTP/1.1 403 Forbidden"
+            f" ({OTHER_HOST}:80 is not allowed by the policy)",
         ],
     }, result.stderr
 
