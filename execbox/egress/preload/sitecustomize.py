@@ -79,9 +79,40 @@ def _connect(sock: socket.socket, host: str, port: int, auth: str, headers: str 
 
 def _patch_http_client() -> None:
     """http.client's own CONNECT (urllib's HTTPS through HTTPS_PROXY) keeps only the status
-    line of a refusal: ask for the tunnel here instead, so the error carries the reason."""
-    import http.client
+    line of a refusal: ask for the tunnel here instead, so the error carries the reason.
 
+    Done when http.client is first imported (importing it costs tens of milliseconds,
+    which a program that never uses it should not pay), or now if it already is."""
+    import sys
+
+    if "http.client" in sys.modules:
+        _patch(sys.modules["http.client"])
+        return
+    import importlib.abc
+    import importlib.machinery
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name != "http.client":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            loader = spec.loader if spec is not None else None
+            if loader is None or not hasattr(loader, "exec_module"):
+                return spec
+            run = loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                _patch(module)
+
+            loader.exec_module = exec_module  # type: ignore[method-assign]
+            return spec
+
+    sys.meta_path.insert(0, _Finder())
+
+
+def _patch(http_client: Any) -> None:
     def _tunnel(self: Any) -> None:
         extra = "".join(f"{k}: {v}\r\n" for k, v in getattr(self, "_tunnel_headers", {}).items())
         try:
@@ -90,7 +121,7 @@ def _patch_http_client() -> None:
             self.close()
             raise OSError(f"Tunnel connection failed: {exc}") from None
 
-    setattr(http.client.HTTPConnection, "_tunnel", _tunnel)  # noqa: B010 - a private method, replaced
+    setattr(http_client.HTTPConnection, "_tunnel", _tunnel)  # noqa: B010 - a private method, replaced
 
 
 _install()
