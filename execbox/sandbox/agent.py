@@ -208,7 +208,7 @@ class Warm:
     def __init__(self, spec: dict[str, Any]) -> None:
         ctrl_r, self.ctrl_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
-        argv = list(spec["argv"]) + [str(ctrl_r), str(ready_w)]
+        argv = list(spec["argv"]) + [str(ctrl_r), str(ready_w)] + list(spec.get("prime") or [])
         self.proc = _spawn(argv, spec["workdir"], spec["env"], pass_fds=(ctrl_r, ready_w))
         os.close(ctrl_r)
         os.close(ready_w)
@@ -221,8 +221,8 @@ class Warm:
         os.close(self.ready_r)
         return ok
 
-    def start(self, filename: str, env: dict[str, str]) -> Any:
-        data = json.dumps({"file": filename, "env": env}).encode()
+    def start(self, filename: str, env: dict[str, str], preload: str | None = None) -> Any:
+        data = json.dumps({"file": filename, "env": env, "preload": preload}).encode()
         view = memoryview(data)
         while view:
             view = view[os.write(self.ctrl_w, view) :]
@@ -253,7 +253,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None, oom_before: int
         oom_before = _oom_kills()
     started = time.monotonic()
     if warm is not None and req.get("warm"):
-        proc = warm.start(req["filename"], env)
+        proc = warm.start(req["filename"], env, req.get("preload"))
     else:
         if warm is not None:
             warm.discard()
