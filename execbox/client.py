@@ -52,7 +52,7 @@ class StreamEvent:
 
     kind: str  # "stdout" | "stderr" | "result"
     data: str = ""
-    result: ExecutionResult | None = None
+    result: ExecutionResult | SessionResult | None = None  # SessionResult from session_stream()
 
 
 def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +78,18 @@ def _validated(model: type[pydantic.BaseModel], fields: dict[str, Any]) -> dict[
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
         raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
     return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+
+
+def _session_call(
+    code: str | None,
+    env: dict[str, str] | None,
+    timeout: float | None,
+    files: dict[str, bytes | str] | None,
+    collect: list[str] | None,
+) -> dict[str, Any]:
+    encoded = {p: c.encode() if isinstance(c, str) else c for p, c in (files or {}).items()}
+    fields = {"code": code, "env": env, "timeout": timeout, "files": encoded or None, "collect": collect or None}
+    return _validated(SessionExecuteRequest, fields)
 
 
 # Session calls: the session's own timeout is not known here, so allow for the largest.
@@ -149,9 +161,10 @@ def _transport_error(exc: httpx.HTTPError) -> ServiceError:
 
 
 class _SSEParser:
-    """Server-sent events, line by line."""
+    """Server-sent events, line by line; the ``result`` event as a ``model``."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: type[ExecutionResult] | type[SessionResult] = ExecutionResult) -> None:
+        self.model = model
         self.event = "message"
         self.data: list[str] = []
 
@@ -162,7 +175,7 @@ class _SSEParser:
             event, payload = self.event, json.loads("\n".join(self.data))
             self.event, self.data = "message", []
             if event == "result":
-                return StreamEvent("result", result=ExecutionResult.model_validate(payload))
+                return StreamEvent("result", result=self.model.model_validate(payload))
             if event == "error":
                 raise error_from(None, payload.get("type"), payload.get("message", "error"), payload.get("field"))
             return StreamEvent(event, data=str(payload.get("data", "")))
@@ -248,19 +261,18 @@ class Client(_Base):
     ) -> Iterator[StreamEvent]:
         """Run ``code`` and yield its output as it is produced; the last event is the result."""
         body = _request(code, env, language, fields)
+        return self._events("/v1/execute", body, _read_timeout(body, self.slack), ExecutionResult)
+
+    def _events(
+        self, path: str, body: dict[str, Any], read: float, model: type[ExecutionResult] | type[SessionResult]
+    ) -> Iterator[StreamEvent]:
         headers = {"Accept": "text/event-stream"}
         try:
-            with self._http.stream(
-                "POST",
-                "/v1/execute",
-                json=body,
-                headers=headers,
-                timeout=self._timeout(_read_timeout(body, self.slack)),
-            ) as response:
+            with self._http.stream("POST", path, json=body, headers=headers, timeout=self._timeout(read)) as response:
                 if not response.is_success:
                     response.read()
                     raise_for_response(response)
-                parser = _SSEParser()
+                parser = _SSEParser(model)
                 for line in response.iter_lines():
                     event = parser.feed(line)
                     if event is not None:
@@ -333,13 +345,35 @@ class Client(_Base):
         return SessionInfo.model_validate(response.json())
 
     def session_execute(
-        self, session_id: str, code: str, env: dict[str, str] | None = None, *, timeout: float | None = None
+        self,
+        session_id: str,
+        code: str | None,
+        env: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+        files: dict[str, bytes | str] | None = None,
+        collect: list[str] | None = None,
     ) -> SessionResult:
-        """Run ``code`` in the session (NotFoundError once it ended)."""
-        body = _validated(SessionExecuteRequest, {"code": code, "env": env, "timeout": timeout})
+        """Run ``code`` in the session (NotFoundError once it ended); ``files`` in, ``collect`` out."""
+        body = _session_call(code, env, timeout, files, collect)
         read = (timeout or _SESSION_CALL_READ) + self.slack
         response = self._send("POST", f"/v1/sessions/{_sid(session_id)}/execute", read, json=body)
         return SessionResult.model_validate(response.json())
+
+    def session_stream(
+        self,
+        session_id: str,
+        code: str | None,
+        env: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+        files: dict[str, bytes | str] | None = None,
+        collect: list[str] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """``session_execute``, yielding the output as it is produced; the last event holds the SessionResult."""
+        body = _session_call(code, env, timeout, files, collect)
+        path = f"/v1/sessions/{_sid(session_id)}/execute"
+        return self._events(path, body, (timeout or _SESSION_CALL_READ) + self.slack, SessionResult)
 
     def list_sessions(self) -> list[SessionInfo]:
         """This tenant's live sessions."""
@@ -416,19 +450,21 @@ class AsyncClient(_Base):
         **fields: Any,
     ) -> AsyncIterator[StreamEvent]:
         body = _request(code, env, language, fields)
+        async for event in self._events("/v1/execute", body, _read_timeout(body, self.slack), ExecutionResult):
+            yield event
+
+    async def _events(
+        self, path: str, body: dict[str, Any], read: float, model: type[ExecutionResult] | type[SessionResult]
+    ) -> AsyncIterator[StreamEvent]:
         headers = {"Accept": "text/event-stream"}
         try:
             async with self._http.stream(
-                "POST",
-                "/v1/execute",
-                json=body,
-                headers=headers,
-                timeout=self._timeout(_read_timeout(body, self.slack)),
+                "POST", path, json=body, headers=headers, timeout=self._timeout(read)
             ) as response:
                 if not response.is_success:
                     await response.aread()
                     raise_for_response(response)
-                parser = _SSEParser()
+                parser = _SSEParser(model)
                 async for line in response.aiter_lines():
                     event = parser.feed(line)
                     if event is not None:
@@ -499,13 +535,36 @@ class AsyncClient(_Base):
         return SessionInfo.model_validate(response.json())
 
     async def session_execute(
-        self, session_id: str, code: str, env: dict[str, str] | None = None, *, timeout: float | None = None
+        self,
+        session_id: str,
+        code: str | None,
+        env: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+        files: dict[str, bytes | str] | None = None,
+        collect: list[str] | None = None,
     ) -> SessionResult:
-        """Run ``code`` in the session (NotFoundError once it ended)."""
-        body = _validated(SessionExecuteRequest, {"code": code, "env": env, "timeout": timeout})
+        """Run ``code`` in the session (NotFoundError once it ended); ``files`` in, ``collect`` out."""
+        body = _session_call(code, env, timeout, files, collect)
         read = (timeout or _SESSION_CALL_READ) + self.slack
         response = await self._send("POST", f"/v1/sessions/{_sid(session_id)}/execute", read, json=body)
         return SessionResult.model_validate(response.json())
+
+    async def session_stream(
+        self,
+        session_id: str,
+        code: str | None,
+        env: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+        files: dict[str, bytes | str] | None = None,
+        collect: list[str] | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """``session_execute``, yielding the output as it is produced; the last event holds the SessionResult."""
+        body = _session_call(code, env, timeout, files, collect)
+        path = f"/v1/sessions/{_sid(session_id)}/execute"
+        async for event in self._events(path, body, (timeout or _SESSION_CALL_READ) + self.slack, SessionResult):
+            yield event
 
     async def list_sessions(self) -> list[SessionInfo]:
         """This tenant's live sessions."""
