@@ -523,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--all", action="store_true", help="remove every execbox resource, orphaned or not")
     gc.set_defaults(func=_cmd_gc)
     _session_parser(sub)
+    from .mcp.stdio import add_parser as add_mcp_parser
+
+    add_mcp_parser(sub)
     return p
 
 
