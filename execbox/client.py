@@ -146,7 +146,7 @@ def error_from(
     if status == 401:
         return AuthenticationError(message, status)
     if status == 403:
-        return PermissionDeniedError(message, status)
+        return PermissionDeniedError(message, status, field)
     if status == 404:
         return NotFoundError(message, status)
     if status == 429:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
-from mcp.client.streamable_http import streamablehttp_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 
 from execbox.engine.base import Engine
@@ -105,12 +105,13 @@ async def stdio_session(*args: str) -> AsyncIterator[ClientSession]:
 @asynccontextmanager
 async def http_session(url: str, key: str | None) -> AsyncIterator[ClientSession]:
     """The official MCP client over streamable HTTP at ``url``/mcp, with the tenant's bearer key."""
-    headers = {"Authorization": f"Bearer {key}"} if key else None
-    async with streamablehttp_client(f"{url}/mcp", headers=headers) as (read, write, _), ClientSession(
-        read, write
-    ) as session:
-        await session.initialize()
-        yield session
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    timeout = httpx.Timeout(30, read=300)
+    async with httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False) as client:
+        async with streamable_http_client(f"{url}/mcp", http_client=client) as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
 
 
 def text(result: CallToolResult) -> str:

@@ -19,6 +19,7 @@ from ..exceptions import (
     ExecboxError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     QuotaExceededError,
     ServerBusyError,
     SessionLimitError,
@@ -75,6 +76,8 @@ def _tool_error(exc: ExecboxError) -> ToolError:
     """The execbox error as a message a model can act on; an input error names its field first."""
     if isinstance(exc, InvalidRequestError):
         return ToolError(f"invalid {exc.field}: {exc.message}")
+    if isinstance(exc, PermissionDeniedError) and exc.field:
+        return ToolError(f"not allowed: {exc.field}: {exc}")
     if isinstance(exc, SessionNotFoundError | NotFoundError):
         return ToolError(f"invalid session_id: {exc} (list live sessions with session_list, or create one)")
     retry = getattr(exc, "retry_after", None)

@@ -33,8 +33,9 @@ __all__ = ["MCP_PATH", "ServiceBackend", "mcp_route"]
 MCP_PATH = "/mcp"
 
 
-def _library_error(exc: ApiError) -> ExecboxError:
-    """An API error as the exception the library (and the client) would raise."""
+def _library_error(service: ExecutionService, exc: ApiError) -> ExecboxError:
+    """An API error as the exception the client would raise; counted as a rejection, as the API counts it."""
+    service.metrics.rejected(exc.reason)
     return error_from(exc.status, exc.type, exc.message, exc.field, exc.retry_after)
 
 
@@ -74,7 +75,7 @@ class ServiceBackend(McpBackend):
             finally:
                 admission.release()
         except ApiError as exc:
-            raise _library_error(exc) from None
+            raise _library_error(self.service, exc) from None
 
     async def create_session(self, language: str, image: str | None) -> SessionInfo:
         try:
@@ -84,7 +85,7 @@ class ServiceBackend(McpBackend):
         try:
             return await self._sessions().create(body)
         except ApiError as exc:
-            raise _library_error(exc) from None
+            raise _library_error(self.service, exc) from None
 
     async def session_call(
         self,
@@ -103,7 +104,7 @@ class ServiceBackend(McpBackend):
         try:
             return await self._sessions().execute(session_id, body)
         except ApiError as exc:
-            raise _library_error(exc) from None
+            raise _library_error(self.service, exc) from None
 
     async def close_session(self, session_id: str) -> None:
         await self._sessions().delete(session_id)
