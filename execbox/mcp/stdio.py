@@ -31,7 +31,7 @@ def _backend(args: argparse.Namespace) -> McpBackend:
     from .local import LocalBackend
 
     engine = DockerEngine.from_env()
-    options: dict[str, Any] = {"pool": not args.no_pool, "pool_min_ready": 1}
+    options: dict[str, Any] = {"pool": not args.no_pool}
     if args.image:
         options["image"] = args.image
     executor = Executor(engine, **options)
