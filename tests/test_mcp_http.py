@@ -32,7 +32,12 @@ def test_mcp_needs_a_tenant_key(engine: Engine, tmp_path: Path) -> None:
             assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
         r = http.post("/mcp", json=_INIT, headers={**_HEADERS, "Authorization": f"Bearer {KEY_A}"})
         assert r.status_code == 200, r.text
-        assert 'execbox' in r.text  # serverInfo.name, in the initialize answer
+        assert "execbox" in r.text  # serverInfo.name, in the initialize answer
+        # Bound to loopback: another Host (DNS rebinding) is refused even with a key.
+        rebound = http.post(
+            "/mcp", json=_INIT, headers={**_HEADERS, "Authorization": f"Bearer {KEY_A}", "Host": "evil.example"}
+        )
+        assert rebound.status_code in (400, 421), rebound.text
 
         async def denied() -> None:
             async with http_session(svc.url, None) as mcp:
