@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .cli import _engine, _outcome_notes, _parse_env
+from .cli import _api_key, _engine, _outcome_notes, _parse_env, _settings
 from .exceptions import ExecboxError, InvalidRequestError
 from .models import check_rel_path
 
@@ -18,16 +17,15 @@ __all__ = ["add_parser"]
 
 
 class _LocalSessions:
-    """``execbox session`` without --server: the library on the local engine, the registry in a file."""
+    """``execbox session`` without --server: the library on the local engine, the registry the service's."""
 
-    def __init__(self, store_url: str | None) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         from .sessions import Sessions
         from .state import open_store
 
         # One command per process: no reaper thread (each start does one reaper pass).
-        self.sessions = Sessions(
-            _engine(), open_store(store_url) if store_url else None, start_reaper=False, own_store=True
-        )
+        url = args.store or _settings().session_store()
+        self.sessions = Sessions(_engine(args), open_store(url), start_reaper=False, own_store=True)
 
     def __enter__(self) -> Any:
         return self.sessions
@@ -40,8 +38,8 @@ def _session_backend(args: argparse.Namespace) -> Any:
     if args.server:
         from .client import Client
 
-        return Client(args.server, api_key=args.api_key)
-    return _LocalSessions(args.store)
+        return Client(args.server, api_key=_api_key(args))
+    return _LocalSessions(args)
 
 
 def _session_code(args: argparse.Namespace) -> str | None:
@@ -187,15 +185,14 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--server", metavar="URL", help="use an execbox service instead of the local engine")
     common.add_argument(
         "--api-key",
-        default=os.environ.get("EXECBOX_API_KEY"),
         metavar="KEY",
         help="API key for --server (default: $EXECBOX_API_KEY)",
     )
     common.add_argument(
         "--store",
-        default=os.environ.get("EXECBOX_SESSION_STORE_URL"),
         metavar="URL",
-        help="local registry: redis://... or sqlite:///path (default: ~/.local/share/execbox/sessions.db)",
+        help="local registry: redis://... or sqlite:///path (default: the service's, $EXECBOX_SESSION_STORE_URL,"
+        " else $EXECBOX_STATE_URL, else SQLite under the data dir)",
     )
     common.add_argument("--json", action="store_true", help="print JSON")
     ssub = session.add_subparsers(dest="session_command", required=True)

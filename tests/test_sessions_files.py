@@ -110,9 +110,13 @@ def test_output_is_streamed_while_the_call_runs(sessions: Sessions) -> None:
     finally:
         record = sessions.store.get_record("session", f"default/{s.id}")
         assert record is not None
-        api = sessions.engine.api  # type: ignore[attr-defined]
         user = f"{record['uid']}:{record['uid']}"
-        api.exec_start(api.exec_create(record["container_id"], ["touch", "/work/go"], user=user)["Id"])
+        channel = sessions.engine.exec(record["container_id"], ("touch", "/work/go"), user)
+        try:
+            while channel.recv(10) is not None:  # until touch ends
+                pass
+        finally:
+            channel.close()
         worker.join(30)
     assert results and results[0].stdout == "one\ntwo\n"
     assert b"".join(c for _, c in chunks) == b"one\ntwo\n"

@@ -9,7 +9,6 @@ Standard output is the protocol channel: execbox logs only to standard error.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,24 +18,25 @@ __all__ = ["add_parser"]
 
 
 def _backend(args: argparse.Namespace) -> McpBackend:
+    from ..cli import _api_key, _engine, _settings
+
     if args.server:
         from ..client import AsyncClient
         from .remote import RemoteBackend
 
-        return RemoteBackend(AsyncClient(args.server, api_key=args.api_key), user_id=args.user)
-    from ..engine.docker import DockerEngine
+        return RemoteBackend(AsyncClient(args.server, api_key=_api_key(args)), user_id=args.user)
     from ..executor import Executor
     from ..sessions import Sessions
     from ..state import open_store
     from .local import LocalBackend
 
-    engine = DockerEngine.from_env()
+    engine = _engine(args)
     options: dict[str, Any] = {"pool": not args.no_pool}
     if args.image:
         options["image"] = args.image
     executor = Executor(engine, **options)
     try:
-        store = open_store(args.store) if args.store else None
+        store = open_store(args.store or _settings().session_store())
         sessions = Sessions(engine, store, own_store=True, image=executor.image)
     except BaseException:
         executor.close()
@@ -79,7 +79,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--server", metavar="URL", help="use an execbox service instead of the local engine")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("EXECBOX_API_KEY"),
         metavar="KEY",
         help="API key for --server (default: $EXECBOX_API_KEY)",
     )
@@ -87,9 +86,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--image", help="default sandbox image (local engine only)")
     p.add_argument(
         "--store",
-        default=os.environ.get("EXECBOX_SESSION_STORE_URL"),
         metavar="URL",
-        help="local session registry: redis://... or sqlite:///path (default: ~/.local/share/execbox/sessions.db)",
+        help="local session registry: redis://... or sqlite:///path (default: as `execbox session`: the"
+        " service's, $EXECBOX_SESSION_STORE_URL, else $EXECBOX_STATE_URL, else SQLite under the data dir)",
     )
     p.add_argument("--no-pool", action="store_true", help="no warm sandboxes (slower runs, nothing idle)")
     p.set_defaults(func=_cmd_mcp)
