@@ -22,7 +22,7 @@ from .hardening import WORKDIR
 from .images import default_image
 from .models import ExecutionRequest, ExecutionResult, Limits
 from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory
-from .protocol import CappedOutput
+from .protocol import CappedOutput, CollectedFiles
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
 from .state import StateStore, check_id, extract_state, state_env
@@ -427,9 +427,7 @@ class Executor:
         meta: dict[str, Any] | None = None
         agent_error: str | None = None
         killed_by_host = False
-        files: dict[str, bytes] = {}
-        files_budget = limits.output_bytes
-        files_truncated = False
+        files = CollectedFiles(limits.output_bytes)
         deadline = time.monotonic() + limits.timeout + self.config.kill_grace
         try:
             while meta is None and agent_error is None:
@@ -460,12 +458,7 @@ class Executor:
                     elif kind == b"K":
                         continue
                     elif kind == b"F":
-                        path, _, content = body.partition(b"\0")
-                        if len(content) <= files_budget and len(files) < 1000:
-                            files[path.decode("utf-8", "replace")] = content
-                            files_budget -= len(content)
-                        else:
-                            files_truncated = True
+                        files.add(body)
                     else:
                         agent_error = body.decode("utf-8", "replace")
                         break
@@ -507,8 +500,8 @@ class Executor:
             or err.truncated
             or bool(meta and (meta.get("stdout_truncated") or meta.get("stderr_truncated"))),
             sandbox_id=sid,
-            files=files,
-            files_truncated=files_truncated or bool(meta and meta.get("files_truncated")),
+            files=files.files,
+            files_truncated=files.truncated or bool(meta and meta.get("files_truncated")),
         )
 
 

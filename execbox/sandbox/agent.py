@@ -103,12 +103,17 @@ def _safe_path(workdir: str, rel: str) -> str:
     return os.path.join(workdir, *parts)
 
 
-def _write_files(workdir: str, req: dict[str, Any]) -> None:
-    for rel, b64 in (req.get("files") or {}).items():
+def put_files(workdir: str, files: dict[str, str]) -> None:
+    """Write files (path -> base64 content) under workdir (session calls use this too)."""
+    for rel, b64 in files.items():
         path = _safe_path(workdir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as fh:
             fh.write(base64.b64decode(b64))
+
+
+def _write_files(workdir: str, req: dict[str, Any]) -> None:
+    put_files(workdir, req.get("files") or {})
     path = _safe_path(workdir, req["filename"])
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(req["code"])
@@ -138,7 +143,7 @@ def _glob_re(pattern: str) -> Any:
     return re.compile("".join(out) + r"\Z")
 
 
-def _collect(workdir: str, patterns: list[str], cap: int, out: Out) -> bool:
+def collect(workdir: str, patterns: list[str], cap: int, out: Out) -> bool:
     """Send regular files under workdir matching the patterns; True if some were left out.
 
     Symlinks are never followed (neither directories nor files), so nothing
@@ -336,7 +341,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None, oom_before: int
     os.close(pidfd)
     signum = -status if status < 0 else None
     exit_code = 128 + signum if signum else status
-    files_truncated = _collect(workdir, req["collect"], cap, out) if req.get("collect") else False
+    files_truncated = collect(workdir, req["collect"], cap, out) if req.get("collect") else False
     result = {
         "exit_code": exit_code,
         "signal": signum,
