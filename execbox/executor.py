@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 import time
@@ -13,16 +12,16 @@ from typing import Any
 
 import pydantic
 
+from .agentlink import AgentError, CallOutput, LinkEnded, Outcome
 from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
 from .engine import open_engine
-from .engine.base import STDERR, Engine
+from .engine.base import Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
 from .images import default_image
-from .models import ExecutionRequest, ExecutionResult, Limits
+from .models import ExecutionRequest, ExecutionResult, Limits, invalid_request, resolve_limits
 from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory
-from .protocol import CappedOutput, CollectedFiles
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
 from .state import StateStore, check_id, extract_state, state_env
@@ -38,7 +37,6 @@ log = logging.getLogger("execbox.executor")
 OutputCallback = Callable[[str, bytes], None]
 """Called with ("stdout" | "stderr", chunk) as output arrives (within the caps)."""
 
-_AGENT_STDERR_CAP = 16 << 10
 
 
 class Executor:
@@ -65,7 +63,7 @@ class Executor:
             try:
                 config = ExecutorConfig(**options)
             except pydantic.ValidationError as exc:
-                raise _invalid(exc, prefix="") from None
+                raise invalid_request(exc) from None
         elif options:
             config = config.model_copy(update=options)
         if engine is None or isinstance(engine, str):
@@ -127,7 +125,7 @@ class Executor:
         try:
             request = ExecutionRequest.model_validate({"code": code, "language": language, "env": env or {}, **fields})
         except pydantic.ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid_request(exc) from None
         return self.run(request, on_output=on_output, tenant=tenant)
 
     def run(
@@ -318,7 +316,10 @@ class Executor:
         assert not sb.leased, "a sandbox is used once"
         sb.leased = True
         try:
-            sb.channel.send(json.dumps(payload).encode() + b"\n")
+            try:
+                sb.link.send_json(payload)
+            except LinkEnded as exc:
+                raise SandboxError(f"execution {exec_id}: the sandbox ended before the request: {exc}") from None
             return self._collect(exec_id, sb, limits, on_output, started)
         finally:
             if self.pool is not None and not keep_off_pool:
@@ -340,15 +341,7 @@ class Executor:
 
     def resolve_limits(self, request: ExecutionRequest) -> Limits:
         """The request's limits over the defaults, checked against the maximum."""
-        limits = self.config.default_limits.merged(request.limits)
-        if request.timeout is not None:
-            limits = limits.model_copy(update={"timeout": request.timeout})
-        for name in limits.exceeding(self.config.max_limits):
-            field = "timeout" if name == "timeout" and request.timeout is not None else f"limits.{name}"
-            raise InvalidRequestError(
-                field, f"{getattr(limits, name)} exceeds the maximum {getattr(self.config.max_limits, name)}"
-            )
-        return limits
+        return resolve_limits(self.config.default_limits, self.config.max_limits, request.limits, request.timeout)
 
     @property
     def volumes(self) -> VolumeManager:
@@ -419,94 +412,26 @@ class Executor:
         on_output: OutputCallback | None,
         started: float,
     ) -> ExecutionResult:
-        out = CappedOutput(limits.output_bytes, "stdout", on_output)
-        err = CappedOutput(limits.output_bytes, "stderr", on_output)
-        agent_stderr = bytearray()
-        sid, chan, decoder = sb.id, sb.channel, sb.decoder
-        decoder.max_frame = max(limits.output_bytes, 1 << 16) + (1 << 16)
-        meta: dict[str, Any] | None = None
-        agent_error: str | None = None
-        killed_by_host = False
-        files = CollectedFiles(limits.output_bytes)
+        call = CallOutput(limits.output_bytes, on_output)
         deadline = time.monotonic() + limits.timeout + self.config.kill_grace
         try:
-            while meta is None and agent_error is None:
-                remaining = deadline - time.monotonic()
-                try:
-                    if remaining <= 0:
-                        raise TimeoutError
-                    item = chan.recv(remaining)
-                except TimeoutError:
-                    # The agent did not enforce the limit (wedged or subverted): the host does.
-                    self.engine.kill(sid)
-                    killed_by_host = True
-                    break
-                if item is None:
-                    break
-                stream, data = item
-                if stream == STDERR:
-                    agent_stderr += data[: max(_AGENT_STDERR_CAP - len(agent_stderr), 0)]
-                    continue
-                for kind, body in decoder.feed(data):
-                    if kind == b"O":
-                        out.add(body)
-                    elif kind == b"E":
-                        err.add(body)
-                    elif kind == b"R":
-                        meta = json.loads(body)
-                        break
-                    elif kind == b"K":
-                        continue
-                    elif kind == b"F":
-                        files.add(body)
-                    else:
-                        agent_error = body.decode("utf-8", "replace")
-                        break
-        except (SandboxError, ValueError) as exc:
-            self.engine.kill(sid)
-            raise SandboxError(f"execution {exec_id}: {exc}") from exc
-
-        oom = False
-        if meta is not None:
-            exit_code = int(meta["exit_code"])
-            signal = meta.get("signal")
-            timed_out = bool(meta.get("timed_out"))
-            if signal == 9 and not timed_out:
-                oom = bool(meta.get("oom_kills")) or self.engine.wait(sid, 2.0).oom_killed
-        elif killed_by_host:
-            exit_code, signal, timed_out = 137, 9, True
-        elif agent_error is not None:
-            raise SandboxError(f"execution {exec_id}: agent failed: {agent_error}")
-        else:
-            state = self.engine.wait(sid, 2.0)
+            meta = sb.link.read_call(deadline, call)
+            outcome = Outcome.of(meta, oom=lambda: self.engine.wait(sb.id, 2.0).oom_killed)
+        except TimeoutError:
+            # The agent did not enforce the limit (wedged or subverted): the host does.
+            self.engine.kill(sb.id)
+            outcome = Outcome.killed_by_host()
+        except LinkEnded:
+            state = self.engine.wait(sb.id, 2.0)
             if not state.oom_killed:
-                detail = agent_stderr.decode("utf-8", "replace").strip()[-500:]
                 raise SandboxError(
-                    f"execution {exec_id}: sandbox ended without a result (exit {state.exit_code}) {detail}"
-                )
-            exit_code, signal, timed_out, oom = 137, 9, False, True
-        return ExecutionResult(
-            id=exec_id,
-            language="",
-            stdout=out.text(),
-            stderr=err.text(),
-            exit_code=exit_code,
-            signal=signal,
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
-            run_ms=meta.get("duration_ms") if meta else None,
-            timed_out=timed_out,
-            oom_killed=oom,
-            output_truncated=out.truncated
-            or err.truncated
-            or bool(meta and (meta.get("stdout_truncated") or meta.get("stderr_truncated"))),
-            sandbox_id=sid,
-            files=files.files,
-            files_truncated=files.truncated or bool(meta and meta.get("files_truncated")),
-        )
-
-
-def _invalid(exc: pydantic.ValidationError, prefix: str = "") -> InvalidRequestError:
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first.get("loc", ())) or "request"
-    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return InvalidRequestError(prefix + field, msg)
+                    f"execution {exec_id}: sandbox ended without a result (exit {state.exit_code})"
+                    f" {sb.link.stderr_tail()}"
+                ) from None
+            outcome = Outcome.died(oom_killed=True)
+        except AgentError as exc:
+            raise SandboxError(f"execution {exec_id}: {exc}") from None
+        except (SandboxError, ValueError) as exc:
+            self.engine.kill(sb.id)
+            raise SandboxError(f"execution {exec_id}: {exc}") from exc
+        return ExecutionResult(id=exec_id, language="", sandbox_id=sb.id, **call.fields(outcome, started))

@@ -7,12 +7,22 @@ import binascii
 import re
 from typing import Annotated, Any
 
+import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 from .egress.models import NetworkLogEntry, Secret
 from .egress.policy import NetworkPolicy
+from .exceptions import InvalidRequestError
 
-__all__ = ["ExecutionRequest", "ExecutionResult", "Limits", "parse_size"]
+__all__ = [
+    "ExecutionRequest",
+    "ExecutionResult",
+    "Limits",
+    "RunResult",
+    "invalid_request",
+    "parse_size",
+    "resolve_limits",
+]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -108,6 +118,31 @@ class Limits(BaseModel):
         return [name for name in Limits.model_fields if getattr(self, name) > getattr(maximum, name)]
 
 
+def invalid_request(exc: pydantic.ValidationError, prefix: str = "", default: str = "request") -> InvalidRequestError:
+    """A pydantic validation error as an ``InvalidRequestError`` naming the (first) field."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ())) or default
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return InvalidRequestError(prefix + field, msg)
+
+
+def resolve_limits(
+    defaults: Limits, maximum: Limits, requested: Limits | dict[str, Any] | None, timeout: float | None = None
+) -> Limits:
+    """``requested`` (and a ``timeout`` given on its own) over ``defaults``, checked against
+    ``maximum``; InvalidRequestError naming ``limits.<field>`` (or ``timeout``) otherwise."""
+    try:
+        limits = defaults.merged(requested)
+    except pydantic.ValidationError as exc:
+        raise invalid_request(exc, prefix="limits.") from None
+    if timeout is not None:
+        limits = limits.model_copy(update={"timeout": timeout})
+    for name in limits.exceeding(maximum):
+        field = "timeout" if name == "timeout" and timeout is not None else f"limits.{name}"
+        raise InvalidRequestError(field, f"{getattr(limits, name)} exceeds the maximum {getattr(maximum, name)}")
+    return limits
+
+
 DEFAULT_MAX_LIMITS = Limits(
     timeout=300, memory=4 << 30, cpus=4.0, pids=1024, output_bytes=64 << 20, disk=1 << 30, inodes=1 << 20
 )
@@ -200,28 +235,34 @@ class ExecutionRequest(BaseModel):
         return v
 
 
-class ExecutionResult(BaseModel):
-    """What one execution produced. Timeouts and OOM kills are fields, not exceptions."""
+class RunResult(BaseModel):
+    """What running code produced, an execution or one call in a session. Timeouts and OOM
+    kills are fields, not exceptions."""
 
-    id: str = Field(description="Execution id (also in execbox's logs).")
     language: str = Field(description="The language the code ran as (canonical name).")
     stdout: str = Field("", description="Standard output of the program, up to limits.output_bytes.")
     stderr: str = Field("", description="Standard error of the program, up to limits.output_bytes.")
     exit_code: int = Field(description="The program's exit code; 128+N when killed by signal N.")
     signal: int | None = Field(None, description="Signal that ended the program, if any.")
-    duration_ms: float = Field(description="Wall-clock time of the whole execution, as the caller saw it.")
+    duration_ms: float = Field(description="Wall-clock time, as the caller saw it.")
     run_ms: float | None = Field(None, description="Time the program itself ran, measured in the sandbox.")
-    timed_out: bool = Field(False, description="The program was killed because it ran past its timeout.")
+    timed_out: bool = Field(False, description="The program ran past its timeout and was interrupted or killed.")
     oom_killed: bool = Field(False, description="The program was killed because it ran out of memory.")
     output_truncated: bool = Field(False, description="Some output beyond limits.output_bytes was dropped.")
+    files: dict[str, FileBytes] = Field(
+        default_factory=dict, description="Files matched by the collect patterns (base64 in JSON)."
+    )
+    files_truncated: bool = Field(False, description="Some matching files were left out (size or count cap).")
+
+
+class ExecutionResult(RunResult):
+    """What one execution produced. Timeouts and OOM kills are fields, not exceptions."""
+
+    id: str = Field(description="Execution id (also in execbox's logs).")
     sandbox_id: str = Field("", description="Id of the container that ran the code (used once, then removed).")
     state: Any = Field(None, description="The state the program handed back (its last OUTPUT_STATE: line).")
     state_error: str | None = Field(None, description="Why the handed-back state was not accepted or saved.")
     state_saved: bool = Field(False, description="The state was saved to the state store (persist_state).")
-    files: dict[str, FileBytes] = Field(
-        default_factory=dict, description="Files matched by the request's collect patterns (base64 in JSON)."
-    )
-    files_truncated: bool = Field(False, description="Some matching files were left out (size or count cap).")
     network_log: list[NetworkLogEntry] = Field(
         default_factory=list, description="One entry per request through the egress proxy (headers redacted)."
     )

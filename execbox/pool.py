@@ -15,15 +15,15 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .engine.base import STDERR, Channel, Engine
+from .agentlink import AgentLink, LinkEnded
+from .engine.base import Engine
 from .exceptions import ExecboxError, SandboxError
 from .hardening import AGENT_COMMAND, WORKDIR, sandbox_spec
 from .labels import labels_for
 from .models import Limits
-from .protocol import FrameDecoder
 from .runtimes import Runtime, get_runtime
 from .uids import UidLease, UidRegistry
 
@@ -79,12 +79,11 @@ class Sandbox:
     """One started container, used for one execution."""
 
     id: str
-    channel: Channel
+    link: AgentLink
     uid: int
     profile: Profile
     warm: bool
     created: float
-    decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(max_frame=1 << 16))
     ready: bool = False
     leased: bool = False  # handed out for a run (it is never handed out twice)
     uid_lease: UidLease | None = None  # its own UID's lease (None: a volume's UID, leased by the volume)
@@ -130,7 +129,9 @@ class SandboxFactory:
         try:
             sid = self.engine.create(spec)
             channel = self.engine.attach(sid)
-            sb = Sandbox(sid, channel, uid, profile, runtime.warm_argv is not None, time.monotonic(), uid_lease=lease)
+            sb = Sandbox(
+                sid, AgentLink(channel), uid, profile, runtime.warm_argv is not None, time.monotonic(), uid_lease=lease
+            )
             with self._lock:
                 self._live[sid] = sb
                 self.made += 1
@@ -151,18 +152,13 @@ class SandboxFactory:
         return sb
 
     def _await_ready(self, sb: Sandbox, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not sb.ready:
-            item = sb.channel.recv(max(deadline - time.monotonic(), 0.0))
-            if item is None:
-                raise SandboxError(f"sandbox {sb.id[:12]} ended before it was ready")
-            stream, data = item
-            if stream == STDERR:
-                continue
-            for kind, _ in sb.decoder.feed(data):
-                if kind != b"K":
-                    raise SandboxError(f"sandbox {sb.id[:12]} sent {kind!r} before ready")
-                sb.ready = True
+        try:
+            sb.link.await_ready(time.monotonic() + timeout)
+        except LinkEnded:
+            raise SandboxError(f"sandbox {sb.id[:12]} ended before it was ready") from None
+        except SandboxError as exc:
+            raise SandboxError(f"sandbox {sb.id[:12]}: {exc}") from None
+        sb.ready = True
 
     def destroy(self, sb: Sandbox, settle: float = 0.0) -> None:
         """Close and force-remove; the reaper collects it if the engine refuses now.
@@ -174,11 +170,11 @@ class SandboxFactory:
         if settle > 0:
             deadline = time.monotonic() + settle
             try:
-                while sb.channel.recv(max(deadline - time.monotonic(), 0.0)) is not None:
+                while sb.link.channel.recv(max(deadline - time.monotonic(), 0.0)) is not None:
                     pass
             except (TimeoutError, OSError):
                 pass
-        sb.channel.close()
+        sb.link.close()
         self._remove_quietly(sb.id, sb.uid_lease)
         self._forget(sb.id)
 
@@ -297,7 +293,7 @@ class Pool:
             if sb is None:
                 break
             self._wake.set()
-            if sb.channel.alive():
+            if sb.link.channel.alive():
                 with self._lock:
                     self._stats.hits += 1
                     self._last_handout = time.monotonic()
