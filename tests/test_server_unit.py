@@ -30,6 +30,7 @@ from execbox.server.jobs import JobStore, check_callback_url, resolve_callback
 from execbox.server.logging import JsonFormatter, bind
 from execbox.server.metrics import Metrics, outcome_of
 from execbox.server.quota import Gate, QueueFull, QuotaExceeded, RateWindow, TenantQuotas
+from tests.serverkit import metric
 
 
 def run(coro: object) -> object:
@@ -238,22 +239,28 @@ def _result(**kw: object) -> ExecutionResult:
 def test_metrics_text_format() -> None:
     m = Metrics()
     m.started()
-    assert "execbox_executions_in_flight 1" in m.render()
-    m.finished("python", outcome_of(_result()), 0.2)
+    assert metric(m.render(), "execbox_executions_in_flight") == 1
+    m.finished("python", outcome_of(_result()), 0.003)  # a pooled run: milliseconds
     m.started()
     m.finished("python", outcome_of(_result(timed_out=True, exit_code=137)), 12.0)
     m.rejected("rate_limited")
+    m.gauge("execbox_things", "Things now.", lambda: 7)
     text = m.render()
-    assert 'execbox_executions_total{language="python",outcome="ok"} 1' in text
-    assert 'execbox_executions_total{language="python",outcome="timeout"} 1' in text
-    assert 'execbox_execution_duration_seconds_bucket{language="python",le="0.25"} 1' in text
-    assert 'execbox_execution_duration_seconds_bucket{language="python",le="+Inf"} 2' in text
-    assert 'execbox_execution_duration_seconds_count{language="python"} 2' in text
-    assert 'execbox_rejections_total{reason="rate_limited"} 1' in text
-    assert "execbox_executions_in_flight 0" in text
+    assert metric(text, 'execbox_executions_total{language="python",outcome="ok"}') == 1
+    assert metric(text, 'execbox_executions_total{language="python",outcome="timeout"}') == 1
+    # Buckets from 1 ms: the 3 ms run is told apart from a 50 ms one.
+    assert metric(text, 'execbox_execution_duration_seconds_bucket{language="python",le="0.0025"}') == 0
+    assert metric(text, 'execbox_execution_duration_seconds_bucket{language="python",le="0.005"}') == 1
+    assert metric(text, 'execbox_execution_duration_seconds_bucket{language="python",le="+Inf"}') == 2
+    assert metric(text, 'execbox_execution_duration_seconds_count{language="python"}') == 2
+    assert metric(text, 'execbox_rejections_total{reason="rate_limited"}') == 1
+    assert metric(text, "execbox_executions_in_flight") == 0
+    assert metric(text, "execbox_things") == 7 and "# TYPE execbox_things gauge" in text
     assert outcome_of(_result(oom_killed=True)) == "oom" and outcome_of(_result(exit_code=3)) == "error"
     for line in text.splitlines():
         assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
+    # Each app counts for itself (a registry per Metrics, not the process-global one).
+    assert metric(Metrics().render(), 'execbox_rejections_total{reason="rate_limited"}') == 0
 
 
 # -- logs ----------------------------------------------------------------------------------------

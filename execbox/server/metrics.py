@@ -1,22 +1,45 @@
-"""Prometheus metrics of the service, in the text exposition format (version 0.0.4).
+"""Prometheus metrics of the service, with ``prometheus-client``.
 
-A handful of counters, gauges and one histogram: small enough to write by hand,
-and kept per ``Metrics`` object (per app), not in a process-global registry.
+Each ``Metrics`` (one per app) has a registry of its own, never the process-global
+one: two apps in one process (tests, an embedding service) do not share counts.
+Durations are in seconds with buckets from 1 ms, so that a pooled run (a few
+milliseconds) lands in a bucket that says so. Gauges that other parts own (queue,
+pool, sessions, jobs) are read at scrape time.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ..models import ExecutionResult
 
-__all__ = ["CONTENT_TYPE", "Metrics", "outcome_of"]
+__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics", "outcome_of"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 
 
 def outcome_of(result: ExecutionResult) -> str:
@@ -28,118 +51,63 @@ def outcome_of(result: ExecutionResult) -> str:
     return "ok" if result.exit_code == 0 else "error"
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _ReadAtScrape(Collector):
+    """Gauges whose value is read from their owner when scraped."""
 
+    def __init__(self) -> None:
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
-def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
-
-
-class _Counter:
-    def __init__(self, name: str, help_: str, labels: tuple[str, ...]) -> None:
-        self.name, self.help, self.labels = name, help_, labels
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, *values: str, by: float = 1.0) -> None:
-        self.values[values] = self.values.get(values, 0.0) + by
-
-    def render(self, kind: str = "counter") -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {kind}"]
-        for key, v in sorted(self.values.items()):
-            out.append(f"{self.name}{_labels(self.labels, key)} {_num(v)}")
-        return out
-
-
-class _Histogram:
-    def __init__(self, name: str, help_: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.labels, self.buckets = name, help_, labels, buckets
-        self.counts: dict[tuple[str, ...], list[int]] = {}
-        self.sums: dict[tuple[str, ...], float] = {}
-
-    def observe(self, value: float, *labels: str) -> None:
-        counts = self.counts.setdefault(labels, [0] * (len(self.buckets) + 1))
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[i] += 1
-        counts[-1] += 1
-        self.sums[labels] = self.sums.get(labels, 0.0) + value
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for key, counts in sorted(self.counts.items()):
-            for bound, c in zip((*self.buckets, math.inf), counts, strict=True):
-                le = 'le="' + _num(bound) + '"'
-                out.append(f"{self.name}_bucket{_labels(self.labels, key, le)} {c}")
-            out.append(f"{self.name}_sum{_labels(self.labels, key)} {_num(self.sums[key])}")
-            out.append(f"{self.name}_count{_labels(self.labels, key)} {counts[-1]}")
-        return out
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, (help_, read) in sorted(self.gauges.items()):
+            yield GaugeMetricFamily(name, help_, value=float(read()))
 
 
 class Metrics:
     """The service's metrics; ``render()`` gives the Prometheus text."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.executions = _Counter(
-            "execbox_executions_total", "Executions finished, by language and outcome.", ("language", "outcome")
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.executions = Counter(
+            "execbox_executions",
+            "Executions finished, by language and outcome.",
+            ("language", "outcome"),
+            registry=self.registry,
         )
-        self.duration = _Histogram(
+        self.duration = Histogram(
             "execbox_execution_duration_seconds",
-            "Wall-clock duration of executions, container creation to removal.",
+            "Wall-clock duration of executions, as the caller saw it.",
             ("language",),
-            DURATION_BUCKETS,
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
         )
-        self.rejections = _Counter(
-            "execbox_rejections_total", "Requests refused before running, by reason.", ("reason",)
+        self.rejections = Counter(
+            "execbox_rejections", "Requests refused before running, by reason.", ("reason",), registry=self.registry
         )
-        self.webhooks = _Counter("execbox_webhook_deliveries_total", "Webhook deliveries, by outcome.", ("outcome",))
-        self.in_flight = 0
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.webhooks = Counter(
+            "execbox_webhook_deliveries", "Webhook deliveries, by outcome.", ("outcome",), registry=self.registry
+        )
+        self.in_flight = Gauge("execbox_executions_in_flight", "Executions running now.", registry=self.registry)
+        self._read = _ReadAtScrape()
+        self.registry.register(self._read)
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:
         """Register a gauge read at scrape time."""
-        self._gauges[name] = (help_, read)
+        self._read.gauges[name] = (help_, read)
 
     def started(self) -> None:
-        with self._lock:
-            self.in_flight += 1
+        self.in_flight.inc()
 
     def finished(self, language: str, outcome: str, seconds: float | None) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.executions.inc(language, outcome)
-            if seconds is not None:
-                self.duration.observe(seconds, language)
+        self.in_flight.dec()
+        self.executions.labels(language, outcome).inc()
+        if seconds is not None:
+            self.duration.labels(language).observe(seconds)
 
     def rejected(self, reason: str) -> None:
-        with self._lock:
-            self.rejections.inc(reason)
+        self.rejections.labels(reason).inc()
 
     def webhook(self, outcome: str) -> None:
-        with self._lock:
-            self.webhooks.inc(outcome)
+        self.webhooks.labels(outcome).inc()
 
     def render(self) -> str:
-        with self._lock:
-            lines = [
-                *self.executions.render(),
-                *self.duration.render(),
-                "# HELP execbox_executions_in_flight Executions running now.",
-                "# TYPE execbox_executions_in_flight gauge",
-                f"execbox_executions_in_flight {self.in_flight}",
-                *self.rejections.render(),
-                *self.webhooks.render(),
-            ]
-            for name, (help_, read) in sorted(self._gauges.items()):
-                lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(read())}"]
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
