@@ -218,18 +218,21 @@ class RedisJobs(JobBackend):
                 continue
             self._spawn(self._holding(slots, handle, entry), run=queue is self.jobs)
 
-    async def _holding(self, slots: asyncio.Semaphore, handle: Callable[[Entry], Awaitable[None]], e: Entry) -> None:
+    async def _holding(
+        self, slots: asyncio.Semaphore | None, handle: Callable[[Entry], Awaitable[None]], e: Entry
+    ) -> None:
+        """Handle an entry (releasing the slot it was read with, if any)."""
         try:
             await handle(e)
         except redis.exceptions.RedisError as exc:
             # The entry stays pending under this consumer: it is retried when this replica's heartbeat ends.
             log.warning("handling %s failed: %s", e.id, exc)
         finally:
-            slots.release()
+            if slots is not None:
+                slots.release()
 
-    async def _claimed(self, slots: asyncio.Semaphore, handle: Callable[[Entry], Awaitable[None]], e: Entry) -> None:
-        await slots.acquire()
-        await self._holding(slots, handle, e)
+    async def _take_claimed(self, entry: Entry) -> None:
+        await self._take(entry, slot_held=False)
 
     async def _reclaim(self) -> None:
         passes = 0
@@ -238,9 +241,9 @@ class RedisJobs(JobBackend):
             try:
                 for entry in await self.jobs.claim_orphans(self.heartbeat, min_idle=1.0):
                     log.warning("took over job %s from %s", entry.fields.get("id"), entry.previous)
-                    self._spawn(self._claimed(self._job_slots, self._take, entry), run=True)
+                    self._spawn(self._holding(None, self._take_claimed, entry), run=True)
                 for entry in await self.hooks.claim_orphans(self.heartbeat, min_idle=1.0):
-                    self._spawn(self._claimed(self._hook_slots, self._deliver, entry), run=False)
+                    self._spawn(self._holding(None, self._deliver, entry), run=False)
                 passes += 1
                 if passes % 20 == 0:
                     await self.jobs.prune_consumers(self.heartbeat)
@@ -274,8 +277,11 @@ class RedisJobs(JobBackend):
         args += [MAXLEN, int(UNFINISHED_TTL * 1000), *(x for kv in fields.items() for x in kv)]
         return bool(await self._transition(keys=[*keys, self.hooks.key], args=args))
 
-    async def _take(self, entry: Entry) -> None:
-        """Run a job delivered to (or claimed by) this replica, or settle it."""
+    async def _take(self, entry: Entry, slot_held: bool = True) -> None:
+        """Run a job delivered to (or claimed by) this replica, or settle it.
+
+        A claimed job is settled (acked, failed, handed back) without a slot; it waits for one only to run.
+        """
         tenant, job_id = entry.fields["tenant"], entry.fields["id"]
         rec = await self._record(tenant, job_id)
         if not rec or rec["status"] in rec_.FINAL:
@@ -305,11 +311,16 @@ class RedisJobs(JobBackend):
                 raise _Taken
             started[0] = True
 
+        if not slot_held:
+            await self._job_slots.acquire()
         try:
             result, failure = await self.run(tenant, rec_.load_request(rec["request"]), on_start)
         except _Taken:
             log.info("job %s was taken by another replica", job_id)
             return
+        finally:
+            if not slot_held:
+                self._job_slots.release()
         if not await self._end(tenant, job_id, rec, ("running", self.consumer), result, failure):
             log.warning("job %s was declared interrupted meanwhile: its result is dropped", job_id)
         await self.jobs.ack(entry.id)
