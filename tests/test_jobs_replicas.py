@@ -210,3 +210,20 @@ def test_webhook_retries_with_backoff_survive_a_replica_kill(replicas: Any, queu
         signature = "sha256=" + hmac.new(SECRET_A.encode(), raw, hashlib.sha256).hexdigest()
         assert headers["x-execbox-signature"] == signature
     assert hook.json()["result"]["stdout"] == "42\n" and hook.json()["status"] == "completed"
+
+
+def test_sigterm_finishes_running_jobs_and_leaves_queued_ones_to_another_replica(replicas: Any) -> None:
+    a = replicas("a", EXECBOX_MAX_CONCURRENT="1").ready()
+    with a.client() as ca:
+        running = submit(ca, "import time; time.sleep(3); print('finished')")
+        until(lambda: status(ca, running) == "running", "the job to start")
+        queued = [submit(ca, f"print({i})") for i in range(2)]
+        assert [status(ca, j) for j in queued] == ["queued", "queued"]
+    assert a.stop() == 0, a.log.read_text()[-2000:]
+    b = replicas("b").ready()
+    with b.client() as cb:
+        body = finished(cb, running)
+        assert body["result"]["stdout"] == "finished\n" and body["attempts"] == 1, body
+        for i, job in enumerate(queued):
+            body = finished(cb, job)
+            assert body["status"] == "completed" and body["result"]["stdout"] == f"{i}\n", body

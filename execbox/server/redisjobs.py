@@ -37,6 +37,7 @@ from ..models import ExecutionRequest
 from ..queue import Entry, Heartbeat, StreamQueue
 from ..state.keys import job_key, pending_key, stream_key
 from . import jobrecords as rec_
+from .errors import ApiError
 from .jobs import JobBackend, JobLimit, Runner, SecretOf, new_job_id
 from .schemas import ErrorBody, ExecutionJob
 from .webhooks import WebhookSender
@@ -192,8 +193,9 @@ class RedisJobs(JobBackend):
     async def _redis(self, call: Awaitable[Any]) -> Any:
         try:
             return await call
-        except redis.exceptions.ConnectionError as exc:
-            raise EngineUnavailableError(f"the job queue's Redis does not answer: {exc}") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("the job queue's Redis does not answer: %s", exc)
+            raise ApiError(503, "queue_unavailable", "the job queue does not answer", retry_after=5) from exc
 
     # -- consumer side ------------------------------------------------------------------------
 
@@ -311,10 +313,17 @@ class RedisJobs(JobBackend):
                 raise _Taken
             started[0] = True
 
+        try:
+            request = rec_.load_request(rec["request"])
+        except (KeyError, ValueError) as exc:  # a record written by an incompatible version
+            log.error("job %s has an unreadable request: %s", job_id, exc)
+            await self._end(tenant, job_id, rec, expect, None, ErrorBody(type="internal_error", message="unreadable"))
+            await self.jobs.ack(entry.id)
+            return
         if not slot_held:
             await self._job_slots.acquire()
         try:
-            result, failure = await self.run(tenant, rec_.load_request(rec["request"]), on_start)
+            result, failure = await self.run(tenant, request, on_start)
         except _Taken:
             log.info("job %s was taken by another replica", job_id)
             return
@@ -344,7 +353,11 @@ class RedisJobs(JobBackend):
         key = job_key(tenant, job_id)
         rec = await self._record(tenant, job_id)
         secret = self.secret_of(tenant)
-        if not rec or rec.get("callback_status") != "pending" or not rec.get("callback_url") or secret is None:
+        if not rec or rec.get("callback_status") != "pending" or not rec.get("callback_url"):
+            await self.hooks.ack(entry.id)
+            return
+        if secret is None:  # the tenant lost its webhook secret (or was removed) meanwhile
+            await self._update(keys=[key], args=["callback_status", "failed"])
             await self.hooks.ack(entry.id)
             return
         url = rec["callback_url"]

@@ -68,8 +68,8 @@ class Submitted(BaseModel):
 class ErrorBody(BaseModel):
     type: str = Field(
         description="invalid_request, payload_too_large, unauthorized, forbidden, not_found, quota_exceeded, "
-        "server_busy, engine_unavailable, engine_error, image_not_found, sandbox_error, shutting_down "
-        "or internal_error."
+        "server_busy, engine_unavailable, engine_error, image_not_found, sandbox_error, shutting_down, "
+        "queue_unavailable, interrupted (the server running an async execution died mid-run) or internal_error."
     )
     message: str = Field(description="What went wrong, for a person.")
     field: str | None = Field(None, description="The offending request field (dotted path), if one is to blame.")
