@@ -190,9 +190,12 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """``execbox serve`` as a real process on a free loopback port, with its own ``EXECBOX_*`` environment."""
+    """``execbox serve`` as a real process on a free loopback port, with its own ``EXECBOX_*`` environment.
 
-    def __init__(self, directory: Path, name: str, tenants: Path, **env: str) -> None:
+    Without a tenants file it serves with ``--no-auth``.
+    """
+
+    def __init__(self, directory: Path, name: str, tenants: Path | None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = directory / f"{name}.log"
@@ -200,9 +203,10 @@ class ServeProcess:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("EXECBOX_")}
         environ |= {"EXECBOX_DATA_DIR": str(data), "EXECBOX_SESSIONS": "false", "EXECBOX_LOG_LEVEL": "info"}
         environ |= env
+        auth = ["--tenants", str(tenants)] if tenants is not None else ["--no-auth"]
         with self.log.open("wb") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "execbox.cli", "serve", "--port", str(self.port), "--tenants", str(tenants)],
+                [sys.executable, "-m", "execbox.cli", "serve", "--port", str(self.port), *auth],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=environ,
