@@ -140,6 +140,8 @@ def test_any_replica_answers_waits_and_counts_pending_jobs(replicas: Any) -> Non
             assert finished(cb, j)["status"] == "completed"
         # Finished jobs no longer count.
         assert cb.post("/v1/executions", json={"language": "python", "code": "print(1)"}).status_code == 202
+        r = ca.post("/v1/executions", json={"code": "1", "retries": 9})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "retries", r.text
 
 
 def test_sigkill_of_a_replica_loses_no_job_and_reruns_only_with_retries(
