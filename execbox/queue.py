@@ -5,6 +5,7 @@ between processes (async jobs and their webhooks today, runs for nodes next):
 
 * ``StreamQueue.add`` appends an entry (``XADD``, trimmed, the key's TTL refreshed);
   ``read`` blocks until one is delivered to this consumer alone (``XREADGROUP``);
+  ``pull`` reads only while a slot of the caller's is free;
   ``ack`` removes it once handled (``XACK`` + ``XDEL``). An entry delivered and not
   acked stays in the group's pending list under its consumer's name.
 * ``Heartbeat`` keeps ``execbox:hb:<consumer>`` alive (a TTL, refreshed at a third of
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +135,26 @@ class StreamQueue:
             for entry_id, fields in entries:
                 return Entry(entry_id, fields)
         return None
+
+    async def pull(self, slots: asyncio.Semaphore, start: Callable[[Entry], None], block: float = 5.0) -> None:
+        """Read entries for ever, one per free slot: ``start`` hands each one on, and its handler releases
+        the slot. Work is pulled only when there is capacity for it; the rest stays queued for others."""
+        while True:
+            await slots.acquire()
+            try:
+                entry = await self.read(block)
+            except redis.exceptions.RedisError as exc:
+                slots.release()
+                log.warning("reading %s failed: %s", self.key, exc)
+                await asyncio.sleep(1.0)
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            if entry is None:
+                slots.release()
+            else:
+                start(entry)
 
     async def ack(self, entry_id: str) -> None:
         async with self.r.pipeline(transaction=True) as p:

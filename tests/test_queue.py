@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from execbox.queue import Heartbeat, StreamQueue
+from execbox.queue import Entry, Heartbeat, StreamQueue
 from execbox.state.keys import heartbeat_key, stream_key
 
 Body = Callable[[aioredis.Redis], Awaitable[None]]
@@ -116,5 +116,28 @@ def test_a_stream_that_expired_gets_its_group_back(run: Callable[[Body], None]) 
         await one.add({"n": "2"})
         got = await one.read(block=1)
         assert got is not None and got.fields == {"n": "2"}
+
+    run(body)
+
+
+def test_pull_takes_work_only_while_a_slot_is_free(run: Callable[[Body], None]) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        busy, idle = queues(r, "busy", "idle")
+        await busy.ensure_group()
+        for n in ("a", "b", "c"):
+            await busy.add({"n": n})
+        slots = asyncio.Semaphore(1)
+        got: asyncio.Queue[Entry] = asyncio.Queue()
+        task = asyncio.create_task(busy.pull(slots, got.put_nowait, block=0.1))
+        try:
+            assert (await asyncio.wait_for(got.get(), 5)).fields == {"n": "a"}
+            # Its only slot is held: the next entry stays queued for a consumer with room.
+            other = await idle.read(block=1)
+            assert other is not None and other.fields == {"n": "b"}
+            slots.release()  # the handler of "a" is done
+            assert (await asyncio.wait_for(got.get(), 5)).fields == {"n": "c"}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     run(body)

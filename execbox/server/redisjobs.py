@@ -99,8 +99,10 @@ class RedisJobs(JobBackend):
         self.heartbeat.start()
         loop = asyncio.get_running_loop()
         self._loops = [
-            loop.create_task(self._consume(self.jobs, self._job_slots, self._take)),
-            loop.create_task(self._consume(self.hooks, self._hook_slots, self._deliver)),
+            loop.create_task(self.jobs.pull(self._job_slots, lambda e: self._handle(self._job_slots, self._take, e))),
+            loop.create_task(
+                self.hooks.pull(self._hook_slots, lambda e: self._handle(self._hook_slots, self._deliver, e))
+            ),
             loop.create_task(self._listen(last[0][0] if last else "0-0")),
             loop.create_task(self._reclaim()),
         ]
@@ -199,26 +201,8 @@ class RedisJobs(JobBackend):
 
     # -- consumer side ------------------------------------------------------------------------
 
-    async def _consume(
-        self, queue: StreamQueue, slots: asyncio.Semaphore, handle: Callable[[Entry], Awaitable[None]]
-    ) -> None:
-        """Read an entry whenever a slot is free; the handler's task releases the slot."""
-        while True:
-            await slots.acquire()
-            try:
-                entry = await queue.read(block=5.0)
-            except redis.exceptions.RedisError as exc:
-                slots.release()
-                log.warning("reading %s failed: %s", queue.key, exc)
-                await asyncio.sleep(1.0)
-                continue
-            except BaseException:
-                slots.release()
-                raise
-            if entry is None:
-                slots.release()
-                continue
-            self._spawn(self._holding(slots, handle, entry), run=queue is self.jobs)
+    def _handle(self, slots: asyncio.Semaphore, handle: Callable[[Entry], Awaitable[None]], e: Entry) -> None:
+        self._spawn(self._holding(slots, handle, e), run=slots is self._job_slots)
 
     async def _holding(
         self, slots: asyncio.Semaphore | None, handle: Callable[[Entry], Awaitable[None]], e: Entry
