@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from execbox.labels import MANAGED_FILTER, OWNER
 from execbox.server.auth import hash_key
 from execbox.state.keys import heartbeat_key, pending_key, stream_key
 
-from .serverkit import KEY_A, KEY_B, SECRET_A, Receiver, ServeProcess, write_tenants
+from .serverkit import KEY_A, KEY_B, SECRET_A, Receiver, ServeProcess, free_port, metric, write_tenants
 
 pytestmark = pytest.mark.docker
 
@@ -229,3 +230,59 @@ def test_sigterm_finishes_running_jobs_and_leaves_queued_ones_to_another_replica
         for i, job in enumerate(queued):
             body = finished(cb, job)
             assert body["status"] == "completed" and body["result"]["stdout"] == f"{i}\n", body
+
+
+class DurableRedis:
+    """A private redis-server with an append-only file, so that it can be killed and started again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DurableRedis:
+        args = ["--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory), "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        until(lambda: _pings(client), "redis-server to answer", limit=20)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def in_flight(c: httpx.Client) -> float:
+    return metric(c.get("/metrics").text, "execbox_executions_in_flight")
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def test_a_redis_restart_mid_run_loses_neither_the_job_nor_its_result(replicas: Any, tmp_path: Path) -> None:
+    store = DurableRedis(tmp_path).start()
+    try:
+        a = replicas("a", EXECBOX_QUEUE_URL=store.url).ready()
+        with a.client() as ca:
+            job = submit(ca, "import time; time.sleep(3); print('survived')")
+            until(lambda: status(ca, job) == "running", "the job to start")
+            store.kill()
+            r = ca.get(f"/v1/executions/{job}")
+            assert r.status_code == 503 and r.json()["error"]["type"] == "queue_unavailable", r.text
+            assert r.headers["retry-after"]
+            # The program ends while Redis is away: its end must wait for Redis, not vanish.
+            until(lambda: in_flight(ca) == 0, "the program to end")
+            store.start()
+            body = finished(ca, job)
+            ran = metric(ca.get("/metrics").text, 'execbox_executions_total{language="python",outcome="ok"}')
+        assert body["status"] == "completed" and body["result"]["stdout"] == "survived\n", body
+        assert body["attempts"] == 1 and ran == 1  # recorded, not run a second time
+    finally:
+        store.kill()

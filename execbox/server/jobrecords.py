@@ -7,11 +7,12 @@ webhook's delivery state. Scripts make each step one atomic change:
 
 * ``submit``: check the tenant's and everyone's unfinished-job counts, write the
   record, add it to both pending sets and queue it (``XADD``): a job is accepted
-  and queued, or refused, never half of each.
+  and queued, or refused, never half of each; sent again (a reply lost), a no-op.
 * ``transition``: compare-and-set on (status, owner): exactly one replica starts a
   queued job, and a replica declared dead cannot overwrite the verdict later.
   Ending a job also drops it from the pending sets, announces it on the ``done``
-  stream (what ``?wait=`` listens to) and queues its webhook.
+  stream (what ``?wait=`` listens to) and queues its webhook. Sent again after a
+  lost reply, it answers 0: the caller checks whether its own write is there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ FINAL = ("completed", "failed")
 # KEYS: record, tenant pending, all pending, jobs stream
 # ARGV: id, now, tenant limit, all limit, record ttl ms, stale before, maxlen, stream ttl ms, tenant, fields...
 SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return -2 end

@@ -31,6 +31,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from ..exceptions import EngineUnavailableError
 from ..models import ExecutionRequest
@@ -70,7 +72,16 @@ class RedisJobs(JobBackend):
     ) -> None:
         super().__init__(run, secret_of, webhooks, ttl)
         self.max_jobs, self.heartbeat_ttl = max_jobs, heartbeat_ttl
-        self.r = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30)
+        # A command whose connection broke is sent again on a new one (a Redis restart, a stale pooled
+        # connection); the scripts are safe to send twice (see jobrecords.py).
+        self.r = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        )
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{new_job_id()[3:11]}"
         self.heartbeat = Heartbeat(self.r, self.consumer, heartbeat_ttl)
         self.jobs = StreamQueue(self.r, "jobs", GROUP, self.consumer, MAXLEN, UNFINISHED_TTL)
@@ -207,12 +218,18 @@ class RedisJobs(JobBackend):
     async def _holding(
         self, slots: asyncio.Semaphore | None, handle: Callable[[Entry], Awaitable[None]], e: Entry
     ) -> None:
-        """Handle an entry (releasing the slot it was read with, if any)."""
+        """Handle an entry (releasing the slot it was read with, if any). Handlers may be run again after a
+        Redis error: nobody else would take the entry while this replica is alive."""
+        delay = 0.5
         try:
-            await handle(e)
-        except redis.exceptions.RedisError as exc:
-            # The entry stays pending under this consumer: it is retried when this replica's heartbeat ends.
-            log.warning("handling %s failed: %s", e.id, exc)
+            while True:
+                try:
+                    await handle(e)
+                    return
+                except redis.exceptions.RedisError as exc:
+                    log.warning("handling %s failed, again in %.1f s: %s", e.id, delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
         finally:
             if slots is not None:
                 slots.release()
@@ -274,9 +291,13 @@ class RedisJobs(JobBackend):
             await self.jobs.ack(entry.id)
             return
         expect: tuple[str, str] = ("queued", "*")
-        if rec["status"] == "running":
+        attempts = int(rec["attempts"]) + 1
+        if rec["status"] == "running" and rec["owner"] == self.consumer:
+            # Only after a Redis error around our own start (the reply was lost): the code never ran here.
+            expect, attempts = ("running", self.consumer), attempts - 1
+        elif rec["status"] == "running":
             owner = rec["owner"]
-            if owner == self.consumer or owner in await self.heartbeat.alive({owner}):
+            if owner in await self.heartbeat.alive({owner}):
                 await self.jobs.give_back(entry.id, owner)  # a slow replica, not a dead one
                 return
             expect = ("running", owner)
@@ -293,8 +314,9 @@ class RedisJobs(JobBackend):
 
         async def on_start() -> None:
             fields = {"status": "running", "owner": self.consumer, "started_at": repr(time.time())}
-            if not await self._cas(tenant, job_id, expect, fields | {"attempts": str(int(rec["attempts"]) + 1)}, False):
-                raise _Taken
+            if not await self._cas(tenant, job_id, expect, fields | {"attempts": str(attempts)}, False):
+                if not await self._wrote(tenant, job_id, fields):  # else: applied, and only the reply was lost
+                    raise _Taken
             started[0] = True
 
         try:
@@ -314,9 +336,23 @@ class RedisJobs(JobBackend):
         finally:
             if not slot_held:
                 self._job_slots.release()
-        if not await self._end(tenant, job_id, rec, ("running", self.consumer), result, failure):
-            log.warning("job %s was declared interrupted meanwhile: its result is dropped", job_id)
-        await self.jobs.ack(entry.id)
+        # The code ran: its end is written whatever it takes (a handler run again would not know the result).
+        delay = 0.5
+        while True:
+            try:
+                if not await self._end(tenant, job_id, rec, ("running", self.consumer), result, failure):
+                    log.warning("job %s was declared interrupted meanwhile: its result is dropped", job_id)
+                await self.jobs.ack(entry.id)
+                return
+            except redis.exceptions.RedisError as exc:
+                log.warning("recording the end of job %s failed, again in %.1f s: %s", job_id, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _wrote(self, tenant: str, job_id: str, fields: dict[str, str]) -> bool:
+        """Whether the record holds ``fields`` (our own CAS, sent twice because its reply was lost)."""
+        rec = await self._record(tenant, job_id)
+        return all(rec.get(k) == v for k, v in fields.items())
 
     async def _end(
         self, tenant: str, job_id: str, rec: dict[str, str], expect: tuple[str, str], result: Any, error: Any
@@ -329,7 +365,9 @@ class RedisJobs(JobBackend):
         hook = bool(rec.get("callback_url")) and self.secret_of(tenant) is not None
         if hook:
             fields["callback_status"] = "pending"
-        return await self._cas(tenant, job_id, expect, fields, hook)
+        if await self._cas(tenant, job_id, expect, fields, hook):
+            return True
+        return await self._wrote(tenant, job_id, {"status": fields["status"], "finished_at": fields["finished_at"]})
 
     async def _deliver(self, entry: Entry) -> None:
         """Deliver a job's webhook, resuming the attempt count and backoff of a dead replica."""
