@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from execbox.egress import Egress, EgressSettings, NetworkPolicy  # noqa: E402
-from execbox.engine.docker import DockerEngine  # noqa: E402
+from execbox.engine import open_engine  # noqa: E402
 from tests.egress_support import PLAIN_HOST, SECURE_HOST, run_in_sandbox, self_signed, start_upstream  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="execbox-bench-egress-"))
     cert, tls = self_signed(tmp)
     plain, secure = start_upstream(), start_upstream(tls=tls)
-    engine = DockerEngine.from_env()
+    engine = open_engine()
     t0 = time.perf_counter()
     egress = Egress(
         engine,

@@ -8,10 +8,12 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from .engine.base import Engine
 from .exceptions import ExecboxError, InvalidRequestError
 
 __all__ = ["main"]
@@ -87,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"pool": False}
     if args.image:
         options["image"] = args.image
-    with Executor(**options) as ex:
+    with Executor(_engine(args), **options) as ex:
         result = ex.execute(
             code,
             _parse_env(args.env),
@@ -119,7 +121,7 @@ def _run_remote(args: argparse.Namespace, code: str, language: str, limits: dict
         "limits": limits or None,
         "image": args.image,
     }
-    with Client(args.server, api_key=args.api_key) as client:
+    with Client(args.server, api_key=_api_key(args)) as client:
         if args.json:
             result = client.execute(code, _parse_env(args.env), **options)
             print(json.dumps(result.model_dump(), indent=2))
@@ -149,25 +151,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def _engine() -> Any:
-    from .engine.docker import DockerEngine
+def _settings() -> Any:
+    """The EXECBOX_* settings (read by settings.py, like the service's): defaults for flags not given."""
+    from .settings import Settings
 
-    return DockerEngine.from_env(timeout=600)
+    return Settings()
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    """The engine of --engine-url (or EXECBOX_ENGINE_URL; default the local Docker Engine)."""
+    from .engine import open_engine
+
+    return open_engine(getattr(args, "engine_url", None) or _settings().engine_url, timeout=600)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return getattr(args, "api_key", None) or _settings().api_key  # type: ignore[no-any-return]
 
 
 def _cmd_images_build(args: argparse.Namespace) -> int:
-    from .imagebuild import build_spec, host_ca_bundle, plan_spec
-    from .images import build_images
+    """Steps (and a live bar on a terminal) on stderr, every detail line in the log, results on stdout."""
+    from .images import BuildProgress
 
     specs = _specs_from_args(args)
-    engine = _engine()
+    engine = _engine(args)
     engine.ping()
+    log_path: Path = args.log or Path(tempfile.gettempdir()) / "execbox-images-build.log"
+    with open(log_path, "w") as log:
+        progress = BuildProgress(sys.stderr, log)
+        try:
+            return _images_build(args, specs, engine, progress)
+        except BaseException:
+            progress.finish()
+            print(f"execbox: the build failed; its whole output is in {log_path}", file=sys.stderr)
+            raise
+        finally:
+            progress.finish()
 
-    def progress(message: str) -> None:
-        print(message, flush=True)
+
+def _images_build(args: argparse.Namespace, specs: list[Any], engine: Engine, progress: Any) -> int:
+    from .images import build_images, build_spec, host_ca_bundle, plan_spec
 
     # With specs, --force applies to them; the base images are only built when missing.
-    tag = build_images(engine.api, progress=progress, force=args.force and not specs)
+    tag = build_images(engine, progress=progress, force=args.force and not specs)
     if not specs:
         print(tag)
         return 0
@@ -182,15 +208,12 @@ def _cmd_images_build(args: argparse.Namespace) -> int:
         ca = host_ca_bundle()
     if args.print_dockerfile:
         for spec in specs:
-            spec_tag, plan, _ = plan_spec(engine.api, spec, ca, progress)
+            spec_tag, plan, _ = plan_spec(engine, spec, ca, progress)
             print(f"# {spec_tag}\n{plan.dockerfile}")
         return 0
     built = []
     for spec in specs:
-        progress(f"== image {spec.name!r} ({spec.origin}) ==")
-        t0 = time.monotonic()
-        built.append((spec.name, build_spec(engine.api, spec, progress=progress, force=args.force, ca_bundle=ca)))
-        progress(f"== image {spec.name!r}: {time.monotonic() - t0:.0f} s ==")
+        built.append((spec.name, build_spec(engine, spec, progress=progress, force=args.force, ca_bundle=ca)))
     for name, spec_tag in built:
         print(f"{name}: {spec_tag}")
     return 0
@@ -198,7 +221,7 @@ def _cmd_images_build(args: argparse.Namespace) -> int:
 
 def _specs_from_args(args: argparse.Namespace) -> list[Any]:
     """The specs named on the command line, then the one described by flags (if any); all validated."""
-    from .imagespec import FileEntry, ImageSpec
+    from .images.spec import FileEntry, ImageSpec
 
     specs = [ImageSpec.load(path) for path in args.specs]
     flags = bool(args.apt or args.pip or args.npm or args.file or args.base or args.description)
@@ -231,20 +254,18 @@ def _specs_from_args(args: argparse.Namespace) -> list[Any]:
 
 
 def _cmd_images_ls(args: argparse.Namespace) -> int:
-    from .imagebuild import list_spec_images
-    from .images import IMAGE_LABEL, default_image
+    from .images import IMAGE_LABEL, default_image, list_spec_images
 
-    engine = _engine()
+    engine = _engine(args)
     current = default_image()
     rows = []
-    for img in engine.api.images(filters={"label": IMAGE_LABEL}):
-        role = (img.get("Labels") or {}).get(IMAGE_LABEL, "")
+    for img in engine.images([IMAGE_LABEL]):
+        role = img.labels.get(IMAGE_LABEL, "")
         if role == "spec":
             continue
-        for tag in img.get("RepoTags") or []:
-            if tag != "<none>:<none>":
-                rows.append((tag, img["Size"], role + ("  (default)" if tag == current else "")))
-    for spec in list_spec_images(engine.api):
+        for tag in img.tags:
+            rows.append((tag, img.size, role + ("  (default)" if tag == current else "")))
+    for spec in list_spec_images(engine):
         if spec.current:
             note = f'image="{spec.name}"  {spec.packages}'
         else:
@@ -257,20 +278,20 @@ def _cmd_images_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_images_rm(args: argparse.Namespace) -> int:
-    from .imagebuild import remove_spec
+    from .images import remove_spec
 
-    engine = _engine()
+    engine = _engine(args)
     for name in args.names:
-        for ref in remove_spec(engine.api, name):
+        for ref in remove_spec(engine, name):
             print(f"removed {ref}")
     return 0
 
 
 def _cmd_images_prune(args: argparse.Namespace) -> int:
-    from .imagebuild import prune_specs
+    from .images import prune_specs
 
-    engine = _engine()
-    removed = [ref for name in args.names or [None] for ref in prune_specs(engine.api, name)]
+    engine = _engine(args)
+    removed = [ref for name in args.names or [None] for ref in prune_specs(engine, name)]
     for ref in removed:
         print(f"removed {ref}")
     print(f"{len(removed)} removed")
@@ -280,7 +301,7 @@ def _cmd_images_prune(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     from .reaper import sweep
 
-    removed = sweep(_engine(), everything=args.all)
+    removed = sweep(_engine(args), everything=args.all)
     for res in removed:
         print(f"removed {res.kind} {res.id[:12]}")
     print(f"{len(removed)} removed")
@@ -291,16 +312,15 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 class _LocalSessions:
-    """``execbox session`` without --server: the library on the local engine, the registry in a file."""
+    """``execbox session`` without --server: the library on the local engine, the registry the service's."""
 
-    def __init__(self, store_url: str | None) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         from .sessions import Sessions
         from .state import open_store
 
         # One command per process: no reaper thread (each start does one reaper pass).
-        self.sessions = Sessions(
-            _engine(), open_store(store_url) if store_url else None, start_reaper=False, own_store=True
-        )
+        url = args.store or _settings().session_store()
+        self.sessions = Sessions(_engine(args), open_store(url), start_reaper=False, own_store=True)
 
     def __enter__(self) -> Any:
         return self.sessions
@@ -313,8 +333,8 @@ def _session_backend(args: argparse.Namespace) -> Any:
     if args.server:
         from .client import Client
 
-        return Client(args.server, api_key=args.api_key)
-    return _LocalSessions(args.store)
+        return Client(args.server, api_key=_api_key(args))
+    return _LocalSessions(args)
 
 
 def _session_code(args: argparse.Namespace) -> str:
@@ -410,15 +430,14 @@ def _session_parser(sub: Any) -> None:
     common.add_argument("--server", metavar="URL", help="use an execbox service instead of the local engine")
     common.add_argument(
         "--api-key",
-        default=os.environ.get("EXECBOX_API_KEY"),
         metavar="KEY",
         help="API key for --server (default: $EXECBOX_API_KEY)",
     )
     common.add_argument(
         "--store",
-        default=os.environ.get("EXECBOX_SESSION_STORE_URL"),
         metavar="URL",
-        help="local registry: redis://... or sqlite:///path (default: ~/.local/share/execbox/sessions.db)",
+        help="local registry: redis://... or sqlite:///path (default: the service's, $EXECBOX_SESSION_STORE_URL,"
+        " else $EXECBOX_STATE_URL, else SQLite under the data dir)",
     )
     common.add_argument("--json", action="store_true", help="print JSON")
     ssub = session.add_subparsers(dest="session_command", required=True)
@@ -450,6 +469,11 @@ def _session_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="execbox", description="Run untrusted code in fresh, locked-down containers.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what execbox does (to stderr)")
+    p.add_argument(
+        "--engine-url",
+        metavar="URL",
+        help="container engine: docker: (default), unix:///path/docker.sock, tcp://host:port (or $EXECBOX_ENGINE_URL)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run code once in a new container")
@@ -468,7 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server", metavar="URL", help="run on an execbox service instead of the local engine")
     run.add_argument(
         "--api-key",
-        default=os.environ.get("EXECBOX_API_KEY"),
         metavar="KEY",
         help="API key for --server (default: $EXECBOX_API_KEY)",
     )
@@ -491,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
         "build of exactly that spec exists. Run code in one with execute(..., image=NAME) or run --image NAME.",
     )
     build.add_argument("specs", nargs="*", metavar="SPEC", type=Path, help="image spec file (TOML)")
+    build.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="where every line of the build goes (default: execbox-images-build.log in the temp dir)",
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date (specs: without cache)")
     build.add_argument("--name", help="build a package image from the flags below, named NAME")
     build.add_argument("--description", help="what the image is for")

@@ -7,7 +7,8 @@
     ├── ConfigurationError      bad executor/service configuration
     ├── EngineError             the container engine failed or refused
     │   ├── EngineUnavailableError   no engine answers (dockerd down, bad DOCKER_HOST)
-    │   └── ImageNotFoundError       the sandbox image is not built / not present
+    │   ├── ImageNotFoundError       the sandbox image is not built / not present
+    │   └── VolumeBusyError          a user's volume is in use (a run holds it); try again
     ├── SandboxError            a sandbox broke the protocol or died before reporting
     ├── SessionError            a persistent session (``Sessions``) could not be used
     │   ├── SessionNotFoundError     no such session for this tenant (ended, expired, another tenant's)
@@ -53,6 +54,7 @@ __all__ = [
     "SessionError",
     "SessionLimitError",
     "SessionNotFoundError",
+    "VolumeBusyError",
     "WaitTimeoutError",
 ]
 
@@ -152,3 +154,7 @@ class ServerBusyError(ServiceError):
 
 class WaitTimeoutError(ServiceError, TimeoutError):
     """An asynchronous execution was not finished when ``wait()`` gave up."""
+
+
+class VolumeBusyError(EngineError):
+    """The user's volume is in use by a running sandbox (or a backup/restore of it)."""

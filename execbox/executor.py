@@ -15,16 +15,20 @@ import pydantic
 
 from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
+from .engine import open_engine
 from .engine.base import STDERR, Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
 from .images import default_image
 from .models import ExecutionRequest, ExecutionResult, Limits
-from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory, UidAllocator
+from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory
 from .protocol import CappedOutput
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
 from .state import StateStore, check_id, extract_state, state_env
+from .uids import UidRegistry, host_store
+from .volumes import UID_BASE as VOLUME_UID_BASE
+from .volumes import UID_COUNT as VOLUME_UID_COUNT
 from .volumes import VolumeManager
 
 __all__ = ["Executor", "OutputCallback"]
@@ -46,14 +50,17 @@ class Executor:
 
     def __init__(
         self,
-        engine: Engine | None = None,
+        engine: Engine | str | None = None,
         config: ExecutorConfig | None = None,
         *,
         state_store: StateStore | None = None,
         egress: Egress | EgressSettings | None = None,
         proxy_host_map: dict[str, str] | None = None,
+        uid_store: StateStore | None = None,
         **options: Any,
     ) -> None:
+        """``uid_store`` holds the leases of sandbox UIDs (default: this host's lease
+        table under ``data_dir``, shared by every execbox process using it)."""
         if config is None:
             try:
                 config = ExecutorConfig(**options)
@@ -61,10 +68,8 @@ class Executor:
                 raise _invalid(exc, prefix="") from None
         elif options:
             config = config.model_copy(update=options)
-        if engine is None:
-            from .engine.docker import DockerEngine
-
-            engine = DockerEngine.from_env()
+        if engine is None or isinstance(engine, str):
+            engine = open_engine(engine)
         self.engine = engine
         self.config = config
         self.image = default_image()
@@ -83,7 +88,9 @@ class Executor:
         if config.sweep_on_start:
             sweep(engine)
         ttl = config.max_limits.timeout + config.pool_max_idle_age + 600
-        self.factory = SandboxFactory(engine, UidAllocator(config.uid_base, config.uid_count), ttl)
+        self._owns_uid_store = uid_store is None
+        self.uid_store = uid_store if uid_store is not None else host_store(config.data_dir)
+        self.factory = SandboxFactory(engine, UidRegistry(self.uid_store, config.uid_base, config.uid_count), ttl)
         self.pool: Pool | None = None
         if config.pool:
             self.pool = Pool(
@@ -249,24 +256,12 @@ class Executor:
             volume=volume.name if volume else None,
             uid=volume.uid if volume else None,
         )
-        started = time.monotonic()
-        try:
-            if self.pool is not None:
-                sb, _ = self.pool.acquire(profile)
-            else:
-                sb = self.factory.make(profile)
-        except ImageNotFoundError as exc:
-            raise ImageNotFoundError(f"{exc} (build it with `execbox images build`)") from exc
-        assert not sb.leased, "a sandbox is used once"
-        sb.leased = True
-        try:
-            sb.channel.send(json.dumps(payload).encode() + b"\n")
-            result = self._collect(exec_id, sb, limits, on_output, started)
-        finally:
-            if self.pool is not None:
-                self.pool.retire(sb)  # off the request's path
-            else:
-                self.factory.destroy(sb)
+        if volume is None:
+            result = self._run_in(profile, payload, exec_id, limits, on_output)
+        else:
+            # The run holds its volume (backups and restores wait) until its sandbox is gone.
+            with self.volumes.in_use(volume):
+                result = self._run_in(profile, payload, exec_id, limits, on_output, keep_off_pool=True)
         result.language = runtime.name
         result.stdout, result.state, result.state_error, _ = extract_state(result.stdout)
         if grant is not None:
@@ -285,6 +280,35 @@ class Executor:
         )
         return result
 
+    def _run_in(
+        self,
+        profile: Profile,
+        payload: dict[str, Any],
+        exec_id: str,
+        limits: Limits,
+        on_output: OutputCallback | None,
+        keep_off_pool: bool = False,
+    ) -> ExecutionResult:
+        """Take a sandbox for ``profile``, run ``payload`` in it, remove it (in the background when pooled)."""
+        started = time.monotonic()
+        try:
+            if self.pool is not None:
+                sb, _ = self.pool.acquire(profile)
+            else:
+                sb = self.factory.make(profile)
+        except ImageNotFoundError as exc:
+            raise ImageNotFoundError(f"{exc} (build it with `execbox images build`)") from exc
+        assert not sb.leased, "a sandbox is used once"
+        sb.leased = True
+        try:
+            sb.channel.send(json.dumps(payload).encode() + b"\n")
+            return self._collect(exec_id, sb, limits, on_output, started)
+        finally:
+            if self.pool is not None and not keep_off_pool:
+                self.pool.retire(sb)  # off the request's path
+            else:
+                self.factory.destroy(sb, settle=1.0 if keep_off_pool else 0.0)
+
     def resolve_image(self, name: str | None) -> str:
         """The image tag a request's ``image`` names (the executor's default when unset).
 
@@ -293,7 +317,7 @@ class Executor:
         an unknown name is an ``InvalidRequestError`` on ``image``, raised before any
         container exists.
         """
-        from .imagebuild import resolve_image_name
+        from .images import resolve_image_name
 
         return resolve_image_name(self.engine, name or self.image)
 
@@ -317,7 +341,11 @@ class Executor:
                 from pathlib import Path
 
                 self._volumes = VolumeManager(
-                    getattr(self.engine, "api", None), Path(self.config.data_dir) / "volumes", self.config.volume_quota
+                    self.engine,
+                    Path(self.config.data_dir) / "volumes",
+                    self.config.volume_quota,
+                    uids=UidRegistry(self.uid_store, VOLUME_UID_BASE, VOLUME_UID_COUNT),
+                    max_idle=self.config.volume_max_idle,
                 )
             return self._volumes
 
@@ -355,6 +383,8 @@ class Executor:
         self.factory.retry_removals()
         if self._owns_egress and self._egress is not None:
             self._egress.close()
+        if self._owns_uid_store and self.uid_store is not None:
+            self.uid_store.close()
 
     def __enter__(self) -> Executor:
         return self

@@ -10,19 +10,15 @@ through ``Limits``; later opt-ins (egress) change only the network.
 
 from __future__ import annotations
 
-from .engine.base import SandboxSpec
+from .engine.base import SandboxSpec, Tmpfs
 from .images import SANDBOX_DIR
 from .models import Limits
 from .runtimes import WORKDIR
-from .seccomp import profile_json
+from .seccomp import profile
 
 __all__ = ["AGENT_COMMAND", "WORKDIR", "sandbox_spec"]
 
 AGENT_COMMAND = ("python3", "-I", "-S", f"{SANDBOX_DIR}/agent.py")
-
-
-def _tmpfs(size: int, inodes: int, uid: int, mode: str) -> str:
-    return f"rw,nosuid,nodev,size={size},nr_inodes={inodes},mode={mode},uid={uid},gid={uid}"
 
 
 def sandbox_spec(
@@ -30,7 +26,7 @@ def sandbox_spec(
     image: str,
     uid: int,
     labels: dict[str, str],
-    network_mode: str = "none",
+    network: str | None = None,
     command: tuple[str, ...] = AGENT_COMMAND,
     volumes: dict[str, str] | None = None,
 ) -> SandboxSpec:
@@ -46,16 +42,16 @@ def sandbox_spec(
         # RLIMIT_NPROC counts per UID system-wide; the UID is unique, so this is per sandbox.
         nproc=limits.pids,
         tmpfs={
-            WORKDIR: _tmpfs(limits.disk, limits.inodes, uid, "0700"),
-            "/tmp": _tmpfs(limits.disk, limits.inodes, uid, "1777"),
+            WORKDIR: Tmpfs(limits.disk, limits.inodes, 0o700, uid),
+            "/tmp": Tmpfs(limits.disk, limits.inodes, 0o1777, uid),
         },
         shm_bytes=min(limits.disk, 64 << 20),
-        seccomp_json=profile_json(),
-        network_mode=network_mode,
+        seccomp=profile(),
+        network=network,
         working_dir=WORKDIR,
         volumes=dict(volumes or {}),
         # On a network, names are the proxy's business: the engine's embedded DNS gets no
         # answer through the firewall, and the resolver's default (5 s x 2 tries) would
         # hang a program that looks a name up itself for 10 s. Give up after one second.
-        dns_options=("timeout:1", "attempts:1") if network_mode != "none" else (),
+        dns_options=("timeout:1", "attempts:1") if network is not None else (),
     )

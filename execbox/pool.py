@@ -25,6 +25,7 @@ from .labels import labels_for
 from .models import Limits
 from .protocol import FrameDecoder
 from .runtimes import Runtime, get_runtime
+from .uids import UidLease, UidRegistry
 
 __all__ = ["Pool", "PoolStats", "Profile", "Sandbox", "SandboxFactory"]
 
@@ -86,46 +87,19 @@ class Sandbox:
     decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(max_frame=1 << 16))
     ready: bool = False
     leased: bool = False  # handed out for a run (it is never handed out twice)
-
-
-class UidAllocator:
-    """Hands out UIDs that no other live sandbox of this process uses.
-
-    Random within a large range, so separate processes rarely collide either: the
-    kernel counts some budgets (processes, inotify instances) per UID.
-    """
-
-    def __init__(self, base: int, count: int) -> None:
-        import random
-
-        self._rand = random.Random()
-        self.base, self.count = base, count
-        self._used: set[int] = set()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int:
-        with self._lock:
-            while True:
-                uid = self.base + self._rand.randrange(self.count)
-                if uid not in self._used:
-                    self._used.add(uid)
-                    return uid
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            self._used.discard(uid)
+    uid_lease: UidLease | None = None  # its own UID's lease (None: a volume's UID, leased by the volume)
 
 
 class SandboxFactory:
     """Creates, starts and destroys sandboxes; knows every sandbox still alive."""
 
-    def __init__(self, engine: Engine, uids: UidAllocator, ttl: float) -> None:
+    def __init__(self, engine: Engine, uids: UidRegistry, ttl: float) -> None:
         self.engine = engine
         self.uids = uids
-        self.ttl = ttl
+        self.ttl = ttl  # the sandbox's label expiry, and its UID lease: the reaper removes it first
         self._live: dict[str, Sandbox] = {}
         self._lock = threading.Lock()
-        self._unremoved: set[str] = set()
+        self._unremoved: dict[str, UidLease | None] = {}  # removal failed: its UID stays leased
         self.made = 0
 
     def make(self, profile: Profile, kind: str = "run", ready_timeout: float | None = None) -> Sandbox:
@@ -135,13 +109,18 @@ class SandboxFactory:
         if runtime.warm_argv is not None:
             warm = {"argv": list(runtime.warm_argv), "env": runtime.environment({}), "workdir": WORKDIR}
             command = (*AGENT_COMMAND, "--warm", json.dumps(warm, separators=(",", ":")))
-        uid = profile.uid if profile.uid is not None else self.uids.acquire()
+        lease: UidLease | None = None
+        if profile.uid is not None:
+            uid = profile.uid
+        else:
+            lease = self.uids.lease(self.ttl, "run")
+            uid = lease.uid
         spec = sandbox_spec(
             profile.limits(),
             profile.image,
             uid,
             labels_for(kind, self.ttl),
-            profile.network,
+            None if profile.network == "none" else profile.network,
             command=command,
             volumes={profile.volume: "/data"} if profile.volume else None,
         )
@@ -149,7 +128,7 @@ class SandboxFactory:
         try:
             sid = self.engine.create(spec)
             channel = self.engine.attach(sid)
-            sb = Sandbox(sid, channel, uid, profile, runtime.warm_argv is not None, time.monotonic())
+            sb = Sandbox(sid, channel, uid, profile, runtime.warm_argv is not None, time.monotonic(), uid_lease=lease)
             with self._lock:
                 self._live[sid] = sb
                 self.made += 1
@@ -157,8 +136,9 @@ class SandboxFactory:
         except BaseException:
             if sid is not None:
                 self._forget(sid)
-                self._remove_quietly(sid)
-            self.uids.release(uid)
+                self._remove_quietly(sid, lease)
+            elif lease is not None:
+                self.uids.release(lease)
             raise
         if ready_timeout is not None:
             try:
@@ -197,15 +177,15 @@ class SandboxFactory:
             except (TimeoutError, OSError):
                 pass
         sb.channel.close()
-        self._remove_quietly(sb.id)
+        self._remove_quietly(sb.id, sb.uid_lease)
         self._forget(sb.id)
-        self.uids.release(sb.uid)
 
     def _forget(self, sid: str) -> None:
         with self._lock:
             self._live.pop(sid, None)
 
-    def _remove_quietly(self, sid: str) -> None:
+    def _remove_quietly(self, sid: str, lease: UidLease | None) -> None:
+        """Remove the container, then end its UID's lease (never while the container may live)."""
         try:
             self.engine.remove(sid)
         except Exception as exc:
@@ -213,19 +193,24 @@ class SandboxFactory:
             # labels let the reaper collect it should this process die first.
             log.warning("could not remove sandbox %s (will retry): %s", sid[:12], str(exc))
             with self._lock:
-                self._unremoved.add(sid)
+                self._unremoved[sid] = lease
+            return
+        if lease is not None:
+            self.uids.release(lease)
 
     def retry_removals(self) -> int:
         """Retry removals that failed (e.g. while the engine restarted); return how many are left."""
         with self._lock:
-            pending = list(self._unremoved)
-        for sid in pending:
+            pending = list(self._unremoved.items())
+        for sid, lease in pending:
             try:
                 self.engine.remove(sid)
             except Exception:
                 continue
             with self._lock:
-                self._unremoved.discard(sid)
+                self._unremoved.pop(sid, None)
+            if lease is not None:
+                self.uids.release(lease)
         with self._lock:
             return len(self._unremoved)
 
@@ -246,6 +231,7 @@ class PoolStats:
     dead: int = 0
     ready: int = 0
     creating: int = 0
+    refill_passes: int = 0  # passes of the refiller (each may start creations, within the caps)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -416,6 +402,7 @@ class Pool:
                         have += 1
                         total += 1
                 self._stats.expired += len(expired)
+                self._stats.refill_passes += 1
             for sb in expired:
                 self.retire(sb)
             for profile in launches:

@@ -7,19 +7,35 @@ nothing that manipulates namespaces, mounts, keys, BPF, perf, io_uring, ptrace o
 other processes' memory. Unknown system calls fail with ENOSYS so that libc
 falls back (``clone3`` -> ``clone``); the dangerous ones listed in ``DENIED``
 fail with EPERM.
+
+Sockets: only the address families a sandbox needs can be created: AF_UNIX,
+AF_INET, AF_INET6, and AF_NETLINK with protocol NETLINK_ROUTE (getifaddrs(),
+which glibc's getaddrinfo(AI_ADDRCONFIG), Node's os.networkInterfaces() and
+Python's if_nameindex() use; it only shows the sandbox's own interfaces). Every
+other family (AF_VSOCK, which reaches the hypervisor whatever the container's
+network, AF_PACKET, AF_CAN, AF_ALG, AF_BLUETOOTH, ...) fails with EAFNOSUPPORT,
+another netlink protocol with EPROTONOSUPPORT. ``socketpair`` is AF_UNIX only.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 from functools import cache
 from typing import Any
 
-__all__ = ["DENIED", "profile", "profile_json"]
+__all__ = ["ALLOWED_FAMILIES", "DENIED", "profile"]
 
 EPERM = 1
 ENOSYS = 38
+EPROTONOSUPPORT = 93
+EAFNOSUPPORT = 97
+
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+NETLINK_ROUTE = 0
+ALLOWED_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+# Families are small integers (AF_MAX is 46 on Linux 6.x); anything past this range
+# matches no rule and gets the default ENOSYS.
+_FAMILY_RANGE = 64
 
 # Namespace-creating clone flags: CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET.
 CLONE_NS_MASK = 0x7E020000
@@ -54,7 +70,7 @@ semget semop semtimedop sendfile sendmmsg sendmsg sendto set_mempolicy
 set_robust_list set_tid_address setfsgid setfsuid setgid setgroups setitimer
 setpgid setpriority setregid setresgid setresuid setreuid setrlimit setsid
 setsockopt setuid setxattr shmat shmctl shmdt shmget shutdown sigaltstack signalfd
-signalfd4 socket socketpair splice stat statfs statx symlink symlinkat sync
+signalfd4 splice stat statfs statx symlink symlinkat sync
 sync_file_range syncfs sysinfo tee tgkill time timer_create timer_delete
 timer_getoverrun timer_gettime timer_settime timerfd_create timerfd_gettime
 timerfd_settime times tkill truncate umask uname unlink unlinkat utime utimensat
@@ -95,10 +111,31 @@ def profile() -> dict[str, Any]:
             # clone3 cannot be filtered by flags (they are behind a pointer): ENOSYS, libc falls back.
             {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS},
             {"names": sorted(DENIED), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
+            *_socket_rules(),
         ],
     }
 
 
-@cache
-def profile_json() -> str:
-    return json.dumps(profile(), separators=(",", ":"))
+def _arg(index: int, value: int, op: str = "SCMP_CMP_EQ") -> dict[str, Any]:
+    return {"index": index, "value": value, "valueTwo": 0, "op": op}
+
+
+def _socket_rules() -> list[dict[str, Any]]:
+    """socket(family, type, protocol) by family; socketpair for AF_UNIX only."""
+    rules: list[dict[str, Any]] = [
+        {"names": ["socket", "socketpair"], "action": "SCMP_ACT_ALLOW", "args": [_arg(0, AF_UNIX)]},
+        *({"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": [_arg(0, af)]} for af in (AF_INET, AF_INET6)),
+        {"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": [_arg(0, AF_NETLINK), _arg(2, NETLINK_ROUTE)]},
+        {
+            "names": ["socket"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPROTONOSUPPORT,
+            "args": [_arg(0, AF_NETLINK), _arg(2, NETLINK_ROUTE, "SCMP_CMP_NE")],
+        },
+    ]
+    for af in range(_FAMILY_RANGE):
+        if af == AF_UNIX:
+            continue
+        names = ["socketpair"] if af in ALLOWED_FAMILIES else ["socket", "socketpair"]
+        rules.append({"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT, "args": [_arg(0, af)]})
+    return rules

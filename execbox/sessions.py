@@ -44,6 +44,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .egress.policy import NetworkPolicy
+from .engine import open_engine
 from .engine.base import STDERR, Channel, Engine
 from .exceptions import (
     ConfigurationError,
@@ -349,25 +350,6 @@ class _Link:
         self.channel.close()
 
 
-def _exec_channel(engine: Engine, container_id: str, argv: tuple[str, ...], user: str) -> Channel:
-    """A process started in the container with ``docker exec``, its stdin/stdout attached.
-
-    The ``Engine`` interface has no exec yet: this uses the Docker engine's API client,
-    as the egress network does, and translates its errors here.
-    """
-    api = getattr(engine, "api", None)
-    if api is None:
-        raise ConfigurationError(f"adopting a session needs the Docker engine, not {engine.name}")
-    from .engine.docker import DockerChannel
-
-    try:
-        created = api.exec_create(container_id, list(argv), stdin=True, stdout=True, stderr=True, user=user)
-        io = api.exec_start(created["Id"], socket=True)
-    except Exception as exc:  # docker SDK errors never reach callers
-        raise EngineError(f"exec in session container {container_id[:12]}: {exc}") from exc
-    return DockerChannel(getattr(io, "_sock", io), io)
-
-
 def _default_store() -> StateStore:
     from .state.sqlite import SQLiteStateStore
 
@@ -389,7 +371,7 @@ class Sessions:
 
     def __init__(
         self,
-        engine: Engine | None = None,
+        engine: Engine | str | None = None,
         store: StateStore | None = None,
         config: SessionsConfig | None = None,
         *,
@@ -406,10 +388,8 @@ class Sessions:
                 raise InvalidRequestError(field, str(first.get("msg", "invalid"))) from None
         elif options:
             config = config.model_copy(update=options)
-        if engine is None:
-            from .engine.docker import DockerEngine
-
-            engine = DockerEngine.from_env()
+        if engine is None or isinstance(engine, str):
+            engine = open_engine(engine)
         self.engine = engine
         self.store = store if store is not None else _default_store()
         self._owns_store = own_store or store is None
@@ -633,7 +613,7 @@ class Sessions:
         return lim
 
     def _resolve_image(self, name: str | None) -> str:
-        from .imagebuild import resolve_image_name
+        from .images import resolve_image_name
 
         return resolve_image_name(self.engine, name or self.image)
 
@@ -686,7 +666,7 @@ class Sessions:
         )
         # The registry owns a session's container, not this process: a restart must not orphan it.
         labels.pop(OWNER, None)
-        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, "none", command=AGENT)
+        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, command=AGENT)
         try:
             cid = self.engine.create(spec)
         except ImageNotFoundError as exc:
@@ -732,7 +712,7 @@ class Sessions:
         if link is not None:
             self._drop_link(rec.id, link)
         assert rec.container_id is not None
-        channel = _exec_channel(self.engine, rec.container_id, RELAY, f"{rec.uid}:{rec.uid}")
+        channel = self.engine.exec(rec.container_id, RELAY, f"{rec.uid}:{rec.uid}")
         link = _Link(rec.container_id, channel, "relay")
         try:
             link.send({"op": "hello", "token": rec.token})

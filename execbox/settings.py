@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "settings_table"]
 
 
 class Settings(BaseSettings):
@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXECBOX_", extra="ignore", frozen=True)
 
     host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(8080, ge=0, le=65535, description="Port to bind.")
 
     tenants_file: Path | None = Field(None, description="TOML file of tenants and their hashed API keys.")
     api_keys: dict[str, str] = Field(
@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     )
     no_auth: bool = Field(False, description="Serve without API keys (local use only; loopback binds only).")
 
+    engine_url: str | None = Field(
+        None,
+        description="Container engine: docker: (DOCKER_HOST or the local socket; the default),"
+        " unix:///path/to/docker.sock or tcp://host:port.",
+    )
+    api_key: str | None = Field(None, description="API key the CLI sends to a service (--server); not a server key.")
     image: str | None = Field(None, description="Default sandbox image (default: the locally built one).")
     state_url: str | None = Field(
         None, description="State store: redis://... or sqlite:///path (default: SQLite under data_dir)."
@@ -94,6 +100,38 @@ class Settings(BaseSettings):
     session_max_lifetime_limit: float = Field(86400.0, gt=0, description="Largest max lifetime a client may ask.")
     session_reap_interval: float = Field(5.0, gt=0, description="Seconds between passes of the session reaper.")
 
+    pool_min_ready: int = Field(2, ge=0, description="Warm sandboxes kept ready per pooled language (0: no pool).")
+    pool_max_total: int = Field(8, ge=0, description="Cap on ready plus in-creation pooled sandboxes.")
+    volume_quota: int = Field(256 << 20, ge=8 << 20, description="Size of each user's volume, in bytes.")
+    volume_max_idle: float = Field(30 * 86400, gt=0, description="Volumes unused this many seconds are removed.")
+
     shutdown_grace: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight executions may finish.")
     log_level: str = Field("info", description="debug, info, warning or error.")
     log_json: bool = Field(True, description="Structured JSON logs on stderr (else plain text).")
+
+    def session_store(self) -> str:
+        """The URL of the session registry: ``session_store_url``, else ``state_url``, else SQLite in data_dir."""
+        return self.session_store_url or self.state_store()
+
+    def job_queue(self) -> str | None:
+        """The Redis of shared async jobs: ``queue_url``, else ``state_url`` if it is Redis, else None (embedded)."""
+        if self.queue_url is not None:
+            return self.queue_url
+        if self.state_url is not None and self.state_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.state_url
+        return None
+
+    def state_store(self) -> str:
+        """The URL of the state store: ``state_url``, else SQLite in data_dir (the embedded default)."""
+        return self.state_url or f"sqlite:///{self.data_dir}/state.db"
+
+
+def settings_table() -> str:
+    """The README's table of settings (a test checks that the README holds exactly this)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        shown = "-" if default in (None, {}, "") else f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `EXECBOX_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -44,11 +44,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-log "building sandbox images (cached by recipe hash)"
-.venv/bin/execbox images build >/tmp/execbox-images-build.log 2>&1 || { tail -30 /tmp/execbox-images-build.log >&2; exit 1; }
-tail -1 /tmp/execbox-images-build.log >&2
+# Each build shows its steps (a live bar on a terminal) on stderr; every line goes to its log.
+log "sandbox images (cached by recipe hash; the first build takes about 2 minutes)"
+if ! .venv/bin/execbox images build --log /tmp/execbox-images-build.log >/tmp/execbox-images-build.out; then
+  tail -30 /tmp/execbox-images-build.log >&2
+  exit 1
+fi
+log "sandbox image: $(tail -1 /tmp/execbox-images-build.out)"
 
-log "building package images from images/*.toml (cached by spec hash)"
-.venv/bin/execbox images build images/*.toml >/tmp/execbox-package-images-build.log 2>&1 \
-  || { tail -30 /tmp/execbox-package-images-build.log >&2; exit 1; }
-grep -E '^[a-z0-9._-]+: execbox-spec:' /tmp/execbox-package-images-build.log >&2 || true
+log "package images from images/*.toml (cached by spec hash)"
+if ! .venv/bin/execbox images build --log /tmp/execbox-package-images-build.log images/*.toml \
+    >/tmp/execbox-package-images-build.out; then
+  tail -30 /tmp/execbox-package-images-build.log >&2
+  exit 1
+fi
+sed 's/^/[setup] /' /tmp/execbox-package-images-build.out >&2

@@ -184,7 +184,7 @@ def sandbox(engine: Any, network: str, uid: int) -> Iterator[Any]:
     from execbox.labels import labels_for
     from execbox.models import Limits
 
-    spec = sandbox_spec(Limits(timeout=20), default_image(), uid, labels_for("run", ttl=600), network_mode=network)
+    spec = sandbox_spec(Limits(timeout=20), default_image(), uid, labels_for("run", ttl=600), network=network)
     sid = engine.create(spec)
     try:
         yield sid

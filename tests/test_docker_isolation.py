@@ -17,7 +17,7 @@ import pytest
 from execbox import Executor, InvalidRequestError
 from execbox.engine.base import Engine
 from execbox.exceptions import EngineError
-from execbox.labels import MANAGED_FILTER, OWNER
+from execbox.labels import MANAGED_FILTER, OWNER, owner_id
 from tests.conftest import busy
 
 pytestmark = pytest.mark.docker
@@ -76,7 +76,7 @@ def test_bridge_server_is_reachable_from_a_normal_container(engine: Engine, brid
     cid = api.create_container(
         default_image(),
         ["python3", "-c", f"import urllib.request; print(urllib.request.urlopen('http://{host}:{port}/').read())"],
-        labels={"execbox.managed": "1", OWNER: "test"},
+        labels={"execbox.managed": "1", OWNER: owner_id()},  # alive: no sweep takes it
     )["Id"]
     try:
         api.start(cid)

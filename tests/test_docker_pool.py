@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,17 +14,9 @@ from execbox.engine.base import Engine
 from execbox.pool import Profile
 from execbox.runtimes import get_runtime
 from tests.conftest import busy, ours
+from tests.support import eventually
 
 pytestmark = pytest.mark.docker
-
-
-def wait_for(cond: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture
@@ -45,7 +36,7 @@ def profile_of(ex: Executor, language: str = "python") -> Profile:
 
 def test_pool_fills_and_hands_out_each_sandbox_once(pooled: Executor) -> None:
     assert pooled.pool is not None
-    wait_for(lambda: pooled.pool.ready_count(profile_of(pooled)) == 2)  # type: ignore[union-attr]
+    eventually(lambda: pooled.pool.ready_count(profile_of(pooled)) == 2)  # type: ignore[union-attr]
     ready_before = pooled.pool.ready_ids()
     results = [pooled.execute("import os; print(os.getpid())", language="python") for _ in range(6)]
     ids = [r.sandbox_id for r in results]
@@ -56,7 +47,7 @@ def test_pool_fills_and_hands_out_each_sandbox_once(pooled: Executor) -> None:
     assert pooled.drain()
     assert busy(pooled) == set()
     # Used sandboxes are gone from the engine; the pool refilled with new ones.
-    wait_for(lambda: pooled.pool.ready_count(profile_of(pooled)) == 2)  # type: ignore[union-attr]
+    eventually(lambda: pooled.pool.ready_count(profile_of(pooled)) == 2)  # type: ignore[union-attr]
     assert not set(ids) & pooled.pool.ready_ids()
 
 
@@ -70,25 +61,28 @@ def test_other_profiles_and_languages_are_served_fresh(pooled: Executor) -> None
 def test_expired_sandboxes_are_replaced(engine: Engine) -> None:
     with Executor(engine=engine, pool=True, pool_languages=("python",), pool_min_ready=1, pool_max_idle_age=1.0) as ex:
         assert ex.pool is not None
-        wait_for(lambda: ex.pool.ready_count(profile_of(ex)) == 1)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool.ready_count(profile_of(ex)) == 1)  # type: ignore[union-attr]
         first = ex.pool.ready_ids()
-        wait_for(lambda: ex.pool_stats().expired >= 1 and ex.pool.ready_ids() - first)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool_stats().expired >= 1 and ex.pool.ready_ids() - first)  # type: ignore[union-attr]
         assert ex.execute("print('fresh')", language="python").stdout == "fresh\n"
     assert ours(engine) == []
 
 
 def test_global_cap_on_pooled_sandboxes(engine: Engine) -> None:
     with Executor(engine=engine, pool=True, pool_min_ready=3, pool_max_total=2) as ex:
-        time.sleep(3)
+        eventually(lambda: ex.pool_stats().ready == 2, 60)  # type: ignore[union-attr]
+        # Two more passes of the refiller, each wanting 4 more sandboxes than the cap allows.
+        passes = ex.pool_stats().refill_passes  # type: ignore[union-attr]
+        eventually(lambda: ex.pool_stats().refill_passes >= passes + 2, 30)  # type: ignore[union-attr]
         stats = ex.pool_stats()
-        assert stats is not None and stats.ready + stats.creating <= 2
+        assert stats is not None and stats.ready + stats.creating <= 2 and stats.created == 2
         assert len([sb for sb in ex.factory.live() if not sb.leased]) <= 2
     assert ours(engine) == []
 
 
 def test_close_removes_every_pooled_container(engine: Engine) -> None:
     ex = Executor(engine=engine, pool=True, pool_min_ready=2)
-    wait_for(lambda: ex.pool_stats().ready == 4)  # type: ignore[union-attr]
+    eventually(lambda: ex.pool_stats().ready == 4)  # type: ignore[union-attr]
     assert len(ours(engine)) >= 4
     ex.close()
     assert ours(engine) == []

@@ -17,7 +17,8 @@ import pytest
 from execbox import EngineUnavailableError, Executor
 from execbox.engine.base import Engine
 from tests.conftest import ours
-from tests.test_docker_pool import profile_of, wait_for
+from tests.support import eventually
+from tests.test_docker_pool import profile_of
 
 pytestmark = [pytest.mark.docker, pytest.mark.disruptive]
 
@@ -61,7 +62,7 @@ def test_pool_recovers_after_docker_restarts(engine: Engine) -> None:
     ex = Executor(engine=engine, pool=True, pool_languages=("python",), pool_min_ready=2)
     try:
         assert ex.pool is not None
-        wait_for(lambda: ex.pool.ready_count(profile_of(ex)) == 2)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool.ready_count(profile_of(ex)) == 2)  # type: ignore[union-attr]
         _stop_dockerd()
         try:
             # Engine down: a clear error, not a hang or a crash.
@@ -72,7 +73,7 @@ def test_pool_recovers_after_docker_restarts(engine: Engine) -> None:
         # The sandboxes made before the restart are dead: they are skipped, not handed out.
         r = ex.execute("print('after restart')", language="python")
         assert r.stdout == "after restart\n" and r.exit_code == 0
-        wait_for(lambda: ex.pool.ready_count(profile_of(ex)) == 2, timeout=90)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool.ready_count(profile_of(ex)) == 2, timeout=90)  # type: ignore[union-attr]
         stats = ex.pool_stats()
         assert stats is not None and stats.dead >= 1
         assert ex.execute("print(2)", language="python").stdout == "2\n"

@@ -20,9 +20,9 @@ import pytest
 
 from execbox import Executor, ImageNotFoundError, InvalidRequestError
 from execbox.engine.base import Engine
-from execbox.imagebuild import build_spec, host_ca_bundle, list_spec_images, prune_specs, remove_spec
 from execbox.images import IMAGE_LABEL, default_image
-from execbox.imagespec import SPEC_LABEL, ImageSpec, spec_alias
+from execbox.images.build import build_spec, host_ca_bundle, list_spec_images, prune_specs, remove_spec
+from execbox.images.spec import SPEC_LABEL, ImageSpec, spec_alias
 
 from .conftest import busy
 
@@ -45,17 +45,18 @@ def build_unique(engine: Engine, path: Path) -> Built:
     spec = ImageSpec.load(path)
     spec = dataclasses.replace(spec, name=f"{spec.name}-t{uuid.uuid4().hex[:8]}")
     log: list[str] = []
-    tag = build_spec(api(engine), spec, progress=log.append, force=True, ca_bundle=host_ca_bundle())
+    tag = build_spec(engine, spec, progress=log.append, force=True, ca_bundle=host_ca_bundle())
     return Built(spec.name, tag, log)
 
 
 def api(engine: Engine) -> Any:
+    """The Docker client, to inspect an image's whole configuration."""
     return engine.api  # type: ignore[attr-defined]
 
 
 def cleanup(engine: Engine, name: str) -> None:
     try:
-        remove_spec(api(engine), name)
+        remove_spec(engine, name)
     except InvalidRequestError:
         pass  # already gone
 
@@ -96,7 +97,7 @@ def test_a_spec_is_really_built_and_labelled(engine: Engine, tiny: Built) -> Non
     base = api(engine).inspect_image(default_image())
     for key in ("Cmd", "Entrypoint", "User", "WorkingDir", "Env"):
         assert info["Config"][key] == base["Config"][key], key
-    assert [s.tag for s in list_spec_images(api(engine)) if s.name == tiny.name and s.current] == [tiny.tag]
+    assert [s.tag for s in list_spec_images(engine) if s.name == tiny.name and s.current] == [tiny.tag]
 
 
 def test_packages_import_in_warm_and_cold_runs(executor: Executor, tiny: Built) -> None:
@@ -224,22 +225,22 @@ def test_rebuilt_only_when_the_spec_changes(engine: Engine, executor: Executor, 
     (tmp_path / "note.txt").write_text("v1\n")
     path = tmp_path / "notes.toml"
     path.write_text(f'name = "{name}"\n[files]\n"/opt/note.txt" = "note.txt"\n')
-    a = api(engine)
+    a = engine
     try:
         first: list[str] = []
         tag1 = build_spec(a, ImageSpec.load(path), progress=first.append)
         assert any(line.startswith("Successfully built") for line in first)
-        id1 = a.inspect_image(tag1)["Id"]
+        id1 = a.image_info(tag1).id  # type: ignore[union-attr]
 
         again: list[str] = []
         assert build_spec(a, ImageSpec.load(path), progress=again.append) == tag1
         assert f"{tag1} is up to date" in again and not any(line.startswith("Step") for line in again)
-        assert a.inspect_image(tag1)["Id"] == id1
+        assert a.image_info(tag1).id == id1  # type: ignore[union-attr]
 
         (tmp_path / "note.txt").write_text("v2\n")
         tag2 = build_spec(a, ImageSpec.load(path), progress=lambda m: None)
         assert tag2 != tag1
-        assert a.inspect_image(spec_alias(name))["Id"] == a.inspect_image(tag2)["Id"]
+        assert a.image_info(spec_alias(name)).id == a.image_info(tag2).id  # type: ignore[union-attr]
         assert run(executor, name, "cat /opt/note.txt", "bash") == "v2\n"
         builds = {s.tag: s.current for s in list_spec_images(a) if s.name == name}
         assert builds == {tag1: False, tag2: True}
@@ -261,10 +262,9 @@ def test_spec_on_another_spec(engine: Engine, tmp_path: Path, with_packages: Bui
     (tmp_path / "main.js").write_text("module.exports = () => require('lodash').VERSION;\n")
     path = tmp_path / "layered.toml"
     path.write_text(f'name = "{name}"\nbase = "{with_packages.name}"\n[files]\n"/opt/app/main.js" = "main.js"\n')
-    a = api(engine)
     try:
-        tag = build_spec(a, ImageSpec.load(path), progress=lambda m: None)
-        assert a.inspect_image(tag)["Config"]["Labels"]["execbox.spec.base"] == with_packages.tag
+        tag = build_spec(engine, ImageSpec.load(path), progress=lambda m: None)
+        assert engine.image_info(tag).labels["execbox.spec.base"] == with_packages.tag  # type: ignore[union-attr]
         with Executor(engine=engine, pool=False, sweep_on_start=False) as ex:
             assert run(ex, name, "console.log(require('/opt/app/main.js')())", "javascript") == "4.17.21\n"
     finally:
@@ -325,7 +325,7 @@ def test_cli_build_from_flags_ls_run_rm(engine: Engine, tmp_path: Path) -> None:
 )
 def test_shipped_specs(engine: Engine, executor: Executor, spec: str, language: str, code: str, expected: str) -> None:
     # Built by setup; up to date here unless the sandbox image changed since.
-    build_spec(api(engine), ImageSpec.load(ROOT / "images" / f"{spec}.toml"), ca_bundle=host_ca_bundle())
+    build_spec(engine, ImageSpec.load(ROOT / "images" / f"{spec}.toml"), ca_bundle=host_ca_bundle())
     assert run(executor, spec, code, language) == expected
 
 
@@ -346,3 +346,16 @@ def test_service_runs_package_images_a_tenant_may_name(engine: Engine, tmp_path:
         with srv.client(KEY_B) as c:  # bravo may use the default image only
             r = c.post("/v1/execute", json={"code": code, "image": with_packages.name})
             assert r.status_code == 403 and r.json()["error"]["field"] == "image", r.text
+
+
+def test_cli_build_shows_steps_and_names_the_log_on_failure(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    name = f"broken-t{uuid.uuid4().hex[:8]}"
+    r = cli("images", "build", "--log", str(log), "--name", name, "--apt", "execbox-no-such-package")
+    assert r.returncode != 0
+    # Steps on stderr, one line each (not a terminal here); the build's own lines in the log.
+    assert f"[1] package image '{name}':" in r.stderr
+    assert f"the build failed; its whole output is in {log}" in r.stderr
+    text = log.read_text()
+    assert "execbox-no-such-package" in text and "Step 1/" in text
+    assert "Step 1/" not in r.stderr

@@ -12,8 +12,8 @@ import pytest
 
 from execbox import InvalidRequestError
 from execbox.engine.base import Channel, Engine, ResourceInfo, SandboxSpec, SandboxState
-from execbox.imagebuild import resolve_image_name
-from execbox.imagespec import BUILD_CA, FileEntry, ImageSpec, render
+from execbox.images.build import resolve_image_name
+from execbox.images.spec import BUILD_CA, FileEntry, ImageSpec, render
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "images"

@@ -66,3 +66,12 @@ def test_retries_are_bounded_and_named_when_invalid() -> None:
         with pytest.raises(pydantic.ValidationError) as exc:
             JobRequest(code="1", retries=bad)
         assert exc.value.errors()[0]["loc"] == ("retries",)
+
+
+def test_jobs_are_shared_through_redis_only_when_one_is_configured() -> None:
+    from execbox.settings import Settings
+
+    assert Settings().job_queue() is None  # the embedded default
+    assert Settings(state_url="sqlite:///x.db").job_queue() is None
+    assert Settings(state_url="redis://h:6379/0").job_queue() == "redis://h:6379/0"
+    assert Settings(state_url="redis://h/0", queue_url="redis://q/1").job_queue() == "redis://q/1"

@@ -12,6 +12,7 @@ from execbox import Executor
 from execbox.engine.local import LocalEngine
 from execbox.pool import Profile
 from execbox.runtimes import get_runtime
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -23,13 +24,6 @@ def local() -> Iterator[LocalEngine]:
 
 def make(eng: LocalEngine, **options: object) -> Executor:
     return Executor(engine=eng, image="execbox-sandbox:test", **options)  # type: ignore[arg-type]
-
-
-def until(cond: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def profile(ex: Executor, language: str = "python") -> Profile:
@@ -51,12 +45,12 @@ def test_runs_each_language_through_the_agent(local: LocalEngine) -> None:
 def test_pool_hands_out_each_sandbox_once_and_refills(local: LocalEngine) -> None:
     with make(local, pool_languages=("python",), pool_min_ready=2) as ex:
         assert ex.pool is not None
-        until(lambda: ex.pool.ready_count(profile(ex)) == 2)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool.ready_count(profile(ex)) == 2)  # type: ignore[union-attr]
         ids = [ex.execute("print(1)", language="python").sandbox_id for _ in range(5)]
         assert len(set(ids)) == 5
         stats = ex.pool_stats()
         assert stats is not None and stats.hits >= 1 and stats.hits + stats.misses == 5
-        until(lambda: ex.pool.ready_count(profile(ex)) == 2)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool.ready_count(profile(ex)) == 2)  # type: ignore[union-attr]
         assert not set(ids) & ex.pool.ready_ids()
         assert ex.drain()
         assert not set(ids) & set(local.live())  # the used ones are gone
@@ -65,7 +59,7 @@ def test_pool_hands_out_each_sandbox_once_and_refills(local: LocalEngine) -> Non
 
 def test_global_cap_and_expiry(local: LocalEngine) -> None:
     with make(local, pool_min_ready=3, pool_max_total=2, pool_max_idle_age=0.5) as ex:
-        until(lambda: ex.pool_stats().expired >= 2)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool_stats().expired >= 2)  # type: ignore[union-attr]
         for _ in range(20):
             stats = ex.pool_stats()
             assert stats is not None and stats.ready + stats.creating <= 2
@@ -76,7 +70,7 @@ def test_global_cap_and_expiry(local: LocalEngine) -> None:
 def test_dead_ready_sandbox_is_skipped(local: LocalEngine) -> None:
     with make(local, pool_languages=("python",), pool_min_ready=1) as ex:
         assert ex.pool is not None
-        until(lambda: ex.pool.ready_count(profile(ex)) == 1)  # type: ignore[union-attr]
+        eventually(lambda: ex.pool.ready_count(profile(ex)) == 1)  # type: ignore[union-attr]
         (dead,) = ex.pool.ready_ids()
         local.kill(dead)
         local.wait(dead, 5)
@@ -102,6 +96,6 @@ def test_output_cap_and_agent_timeout(local: LocalEngine) -> None:
 
 def test_close_removes_everything(local: LocalEngine) -> None:
     ex = make(local, pool_min_ready=2)
-    until(lambda: ex.pool_stats().ready == 4)  # type: ignore[union-attr]
+    eventually(lambda: ex.pool_stats().ready == 4)  # type: ignore[union-attr]
     ex.close()
     assert local.live() == []

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -33,10 +33,11 @@ from execbox.sessions import RECORD_KIND, REGISTRY_LABEL, SESSION_LABEL
 from execbox.state import StateStore
 from execbox.state.redis import RedisStateStore
 from execbox.state.sqlite import SQLiteStateStore
+from tests.support import eventually
 
 pytestmark = pytest.mark.docker
 
-T = TypeVar("T")
+
 
 
 # -- helpers (also used by test_sessions_api.py and test_sessions_restart.py) -------------------------
@@ -68,18 +69,6 @@ def sessions_over(engine: Engine, store: StateStore, **options: Any) -> Iterator
         sessions.close()
         left = end_all(engine, store)
         assert not left, f"sessions leaked {len(left)} containers"
-
-
-def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` s (never a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def container_gone(engine: Engine, cid: str) -> bool:

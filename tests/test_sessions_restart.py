@@ -25,7 +25,8 @@ from execbox.labels import OWNER
 from execbox.sessions import RECORD_KIND, Sessions
 from execbox.state.sqlite import SQLiteStateStore
 
-from .test_sessions import container_gone, end_all, eventually, registry_containers
+from .support import eventually
+from .test_sessions import container_gone, end_all, registry_containers
 
 pytestmark = pytest.mark.docker
 

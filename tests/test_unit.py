@@ -13,6 +13,7 @@ import pytest
 
 import execbox
 from execbox import ExecutionRequest, InvalidRequestError, Limits
+from execbox.engine.base import Tmpfs
 from execbox.exceptions import SandboxError
 from execbox.hardening import sandbox_spec
 from execbox.models import DEFAULT_MAX_LIMITS, parse_size
@@ -98,9 +99,11 @@ def test_seccomp_profile_is_an_allowlist_without_dangerous_calls() -> None:
 
 def test_sandbox_spec_is_hardened() -> None:
     spec = sandbox_spec(Limits(memory="128m", cpus=0.5, disk="32m", inodes=100), "img", 123456, {"l": "1"})
-    assert spec.network_mode == "none" and spec.read_only and spec.user == "123456:123456"
+    assert spec.network is None and spec.read_only and spec.user == "123456:123456"
     assert spec.memory_bytes == 128 << 20 and spec.nano_cpus == 500_000_000 and spec.nproc == spec.pids
-    assert "size=33554432" in spec.tmpfs["/work"] and "nr_inodes=100" in spec.tmpfs["/tmp"]
+    assert spec.tmpfs["/work"] == Tmpfs(32 << 20, 100, 0o700, 123456)
+    assert spec.tmpfs["/tmp"] == Tmpfs(32 << 20, 100, 0o1777, 123456)
+    assert spec.seccomp["defaultAction"] == "SCMP_ACT_ERRNO"
     assert not spec.env
 
 

@@ -97,7 +97,7 @@ class EgressGrant:
     """What the executor adds to one run that has egress."""
 
     run_id: str
-    network: str  # SandboxSpec.network_mode
+    network: str  # the internal network's name (SandboxSpec.network)
     env: dict[str, str]  # proxy settings, CA variables, secret placeholders
     files: dict[str, str] = field(default_factory=dict)  # relative to the working directory, text
     proxy_url: str = ""  # without the credential (for display)

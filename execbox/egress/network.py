@@ -1,4 +1,4 @@
-"""The internal Docker network of egress sandboxes, and the host firewall rules around it.
+"""The internal network of egress sandboxes, and the host firewall rules around it.
 
 Docker's ``internal`` network has no route out (Docker's FORWARD isolation rules
 drop anything leaving the bridge) and, with ICC disabled, sandboxes on it cannot
@@ -18,11 +18,9 @@ import os
 import secrets
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..engine.base import Engine
+from ..engine.base import Engine, NetworkInfo
 from ..exceptions import ConfigurationError, EngineError
 from ..labels import labels_for
 
@@ -35,24 +33,8 @@ BRIDGE_PREFIX = "exb"
 NETWORK_TTL = 30 * 24 * 3600  # the owner's death, not expiry, collects a live service's network
 
 
-@dataclass(frozen=True)
-class NetworkInfo:
-    name: str
-    id: str
-    bridge: str
-    gateway: str
-    subnet: str
-
-
-def _api(engine: Engine) -> Any:
-    api = getattr(engine, "api", None)
-    if api is None:
-        raise ConfigurationError(f"egress needs the Docker engine, not {engine.name}")
-    return api
-
-
 class EgressNetwork:
-    """Create (or find) and remove the internal network; only ``engine.api`` talks to Docker."""
+    """Create (or find) and remove the internal network, through the engine."""
 
     def __init__(self, engine: Engine, name: str | None = None) -> None:
         self.engine = engine
@@ -62,42 +44,17 @@ class EgressNetwork:
         self.info: NetworkInfo | None = None
 
     def ensure(self) -> NetworkInfo:
-        api = _api(self.engine)
-        try:
-            found = [n for n in api.networks(names=[self.name]) if n.get("Name") == self.name]
-            if found:
-                net = api.inspect_network(found[0]["Id"])
-            else:
-                created = api.create_network(
-                    self.name,
-                    driver="bridge",
-                    internal=True,
-                    labels=labels_for("egress-network", ttl=NETWORK_TTL),
-                    options={
-                        "com.docker.network.bridge.enable_icc": "false",
-                        "com.docker.network.bridge.name": self.bridge,
-                    },
-                )
-                net = api.inspect_network(created["Id"])
-        except Exception as exc:  # docker SDK errors: translated here (this module does not import docker)
-            raise EngineError(f"egress network {self.name}: {exc}") from exc
-        if not net.get("Internal"):
-            raise ConfigurationError(f"network {self.name} exists but is not internal")
-        config = (net.get("IPAM") or {}).get("Config") or []
-        if not config or not config[0].get("Gateway"):
-            raise EngineError(f"network {self.name} has no IPv4 gateway")
-        bridge = (net.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{net['Id'][:12]}"
-        self.bridge = bridge
-        self.info = NetworkInfo(self.name, net["Id"], bridge, config[0]["Gateway"], config[0]["Subnet"])
+        self.info = self.engine.ensure_internal_network(
+            self.name, self.bridge, labels_for("egress-network", ttl=NETWORK_TTL)
+        )
+        self.bridge = self.info.bridge
         return self.info
 
     def remove(self) -> None:
         try:
-            _api(self.engine).remove_network(self.name)
-        except Exception as exc:
-            text = str(exc).lower()
-            if "not found" not in text and "no such" not in text:
-                log.warning("could not remove egress network %s (the reaper will): %s", self.name, exc)
+            self.engine.remove_network(self.name)
+        except EngineError as exc:
+            log.warning("could not remove egress network %s (the reaper will): %s", self.name, exc)
         self.info = None
 
 

@@ -8,17 +8,48 @@ a sandbox through create -> attach -> start -> (kill) -> remove.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Channel", "Engine", "ResourceInfo", "SandboxSpec", "SandboxState"]
+from ..exceptions import EngineError
+
+__all__ = [
+    "Channel",
+    "Engine",
+    "ImageInfo",
+    "NetworkInfo",
+    "ResourceInfo",
+    "SandboxSpec",
+    "SandboxState",
+    "Tmpfs",
+]
 
 STDOUT = 1
 STDERR = 2
 
 
 @dataclass(frozen=True)
+class Tmpfs:
+    """A size- and inode-capped in-memory filesystem, owned by the sandbox's user."""
+
+    size: int  # bytes
+    inodes: int
+    mode: int  # e.g. 0o700, 0o1777
+    uid: int
+    nosuid: bool = True
+    nodev: bool = True
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
-    """Everything needed to create one sandbox container."""
+    """Everything needed to create one sandbox, in no engine's terms.
+
+    ``seccomp`` is a profile in the OCI format (as ``execbox.seccomp.profile()`` makes);
+    ``network`` is None (no network: loopback only) or the name of an internal network
+    made by ``Engine.ensure_internal_network``. Each engine maps these to its own kind.
+    """
 
     image: str
     command: tuple[str, ...]
@@ -27,11 +58,11 @@ class SandboxSpec:
     memory_bytes: int
     nano_cpus: int
     pids: int
-    tmpfs: dict[str, str]
-    seccomp_json: str
+    tmpfs: dict[str, Tmpfs]
+    seccomp: dict[str, Any]
     nofile: int = 1024
     nproc: int = 0
-    network_mode: str = "none"
+    network: str | None = None
     read_only: bool = True
     working_dir: str = "/work"
     hostname: str = "sandbox"
@@ -55,6 +86,30 @@ class ResourceInfo:
     kind: str  # "container" | "volume" | "network"
     id: str
     labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image on the engine."""
+
+    id: str
+    tags: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    user: str = ""  # the user its containers run as unless told otherwise
+    size: int = 0
+    created: int = 0  # unix time
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """An internal network for egress sandboxes (no route out; the host is its gateway)."""
+
+    name: str
+    id: str
+    bridge: str  # the host's interface of the network (firewall rules name it)
+    gateway: str
+    subnet: str
+    internal: bool = True
 
 
 class Channel(ABC):
@@ -122,6 +177,67 @@ class Engine(ABC):
 
     @abstractmethod
     def remove_resource(self, resource: ResourceInfo) -> None: ...
+
+    def exec(self, sandbox_id: str, argv: tuple[str, ...], user: str) -> Channel:
+        """Start ``argv`` in a running sandbox as ``user``; its stdin/stdout/stderr attached."""
+        raise EngineError(f"the {self.name} engine cannot start a process in a running sandbox")
+
+    # -- networks (egress; engines without them refuse) ---------------------------------------
+
+    def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:
+        """Find or create network ``name``: internal (no route out), no traffic between its
+        sandboxes, the host side named ``bridge``. Raises ConfigurationError if a network of
+        that name exists and is not internal."""
+        raise EngineError(f"the {self.name} engine has no networks")
+
+    def remove_network(self, name: str) -> None:
+        """Remove the network; no error if it is already gone."""
+        raise EngineError(f"the {self.name} engine has no networks")
+
+    # -- images (engines without them refuse) -------------------------------------------------
+
+    def image_info(self, ref: str) -> ImageInfo | None:
+        """The image ``ref`` names, or None if there is none."""
+        raise EngineError(f"the {self.name} engine has no images")
+
+    def images(self, labels: list[str], dangling: bool | None = None) -> list[ImageInfo]:
+        """Images carrying every label filter of ``labels`` ("key" or "key=value")."""
+        raise EngineError(f"the {self.name} engine has no images")
+
+    def import_image(self, tarball: Path, ref: str, labels: dict[str, str]) -> None:
+        """Make image ``ref`` ("repo:tag") from a root filesystem tarball."""
+        raise EngineError(f"the {self.name} engine cannot import images")
+
+    def build_image(
+        self, context: dict[str, tuple[bytes, int]], tag: str, labels: dict[str, str], nocache: bool = False
+    ) -> Iterator[str]:
+        """Build ``tag`` from a context of files (name -> (content, mode)) with a Dockerfile;
+        yield its progress lines. A failed build raises EngineError with the engine's reason."""
+        raise EngineError(f"the {self.name} engine cannot build images")
+
+    def tag_image(self, ref: str, repository: str, tag: str) -> None:
+        raise EngineError(f"the {self.name} engine has no images")
+
+    def remove_image(self, ref: str) -> None:
+        raise EngineError(f"the {self.name} engine has no images")
+
+    # -- named volumes (per-user data; engines without them refuse) ----------------------------
+
+    def ensure_volume(self, name: str, device: str, labels: dict[str, str]) -> None:
+        """Create volume ``name`` as a bind of the host directory ``device``, unless it exists."""
+        raise EngineError(f"the {self.name} engine has no volumes")
+
+    def volume_labels(self, name: str) -> dict[str, str] | None:
+        """The volume's labels, or None if there is no such volume."""
+        raise EngineError(f"the {self.name} engine has no volumes")
+
+    def remove_volume(self, name: str) -> bool:
+        """Remove the volume (False: there was none); ``VolumeBusyError`` while a container uses it."""
+        raise EngineError(f"the {self.name} engine has no volumes")
+
+    def volume_in_use(self, name: str) -> bool:
+        """True while a running sandbox mounts the volume (whoever made it)."""
+        raise EngineError(f"the {self.name} engine has no volumes")
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the engine client."""

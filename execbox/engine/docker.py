@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import select
 import socket
 import struct
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -16,8 +20,19 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
-from ..exceptions import EngineError, EngineUnavailableError, ImageNotFoundError
-from .base import STDERR, STDOUT, Channel, Engine, ResourceInfo, SandboxSpec, SandboxState
+from ..exceptions import ConfigurationError, EngineError, EngineUnavailableError, ImageNotFoundError, VolumeBusyError
+from .base import (
+    STDERR,
+    STDOUT,
+    Channel,
+    Engine,
+    ImageInfo,
+    NetworkInfo,
+    ResourceInfo,
+    SandboxSpec,
+    SandboxState,
+    Tmpfs,
+)
 
 __all__ = ["DockerEngine"]
 
@@ -58,6 +73,24 @@ def _translate(what: str) -> Iterator[None]:
         raise EngineUnavailableError(f"{what}: the Docker Engine does not answer ({exc})") from exc
     except docker.errors.DockerException as exc:
         raise EngineError(f"{what}: {exc}") from exc
+
+
+def _tmpfs_options(t: Tmpfs) -> str:
+    flags = ["rw"] + (["nosuid"] if t.nosuid else []) + (["nodev"] if t.nodev else [])
+    sizes = [f"size={t.size}", f"nr_inodes={t.inodes}", f"mode={t.mode:04o}", f"uid={t.uid}", f"gid={t.uid}"]
+    return ",".join(flags + sizes)
+
+
+_SECCOMP_JSON: dict[int, tuple[dict[str, Any], str]] = {}
+
+
+def _seccomp_json(profile: dict[str, Any]) -> str:
+    """The profile as Docker takes it (JSON), made once per profile object."""
+    cached = _SECCOMP_JSON.get(id(profile))
+    if cached is None or cached[0] is not profile:
+        cached = (profile, json.dumps(profile, separators=(",", ":")))
+        _SECCOMP_JSON[id(profile)] = cached
+    return cached[1]
 
 
 class DockerChannel(Channel):
@@ -132,32 +165,35 @@ class DockerEngine(Engine):
         with _translate("connect"):
             return cls(docker.from_env(timeout=int(timeout)).api)
 
+    @classmethod
+    def from_url(cls, base_url: str | None, timeout: float = 60) -> DockerEngine:
+        """Connect to ``base_url`` (unix://, tcp://, ssh://); None: as ``from_env``."""
+        if base_url is None:
+            return cls.from_env(timeout)
+        with _translate("connect"):
+            return cls(docker.APIClient(base_url=base_url, timeout=int(timeout)))
+
     def ping(self) -> None:
         with _translate("ping"):
             self.api.ping()
 
     def image_exists(self, image: str) -> bool:
-        try:
-            with _translate("inspect image"):
-                self.api.inspect_image(image)
-            return True
-        except ImageNotFoundError:
-            return False
+        return self.image_info(image) is not None
 
     def _host_config(self, spec: SandboxSpec) -> dict[str, Any]:
         ulimits = [Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile), Ulimit(name="core", soft=0, hard=0)]
         if spec.nproc:
             ulimits.append(Ulimit(name="nproc", soft=spec.nproc, hard=spec.nproc))
         host_config: dict[str, Any] = self.api.create_host_config(
-            network_mode=spec.network_mode,
+            network_mode=spec.network or "none",
             read_only=spec.read_only,
-            tmpfs=spec.tmpfs,
+            tmpfs={path: _tmpfs_options(t) for path, t in spec.tmpfs.items()},
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges", f"seccomp={spec.seccomp_json}"],
+            security_opt=["no-new-privileges", f"seccomp={_seccomp_json(spec.seccomp)}"],
             init=True,
             ulimits=ulimits,
             shm_size=spec.shm_bytes,
@@ -181,7 +217,7 @@ class DockerEngine(Engine):
                 hostname=spec.hostname,
                 stdin_open=True,
                 tty=False,
-                network_disabled=spec.network_mode == "none",
+                network_disabled=spec.network is None,
                 host_config=self._host_config(spec),
             )
         return str(created["Id"])
@@ -249,6 +285,155 @@ class DockerEngine(Engine):
         except EngineError as exc:
             if "no such" not in str(exc).lower() and "not found" not in str(exc).lower():
                 raise
+
+    def exec(self, sandbox_id: str, argv: tuple[str, ...], user: str) -> Channel:
+        with _translate(f"exec in sandbox {sandbox_id[:12]}"):
+            created = self.api.exec_create(sandbox_id, list(argv), stdin=True, stdout=True, stderr=True, user=user)
+            io = self.api.exec_start(created["Id"], socket=True)
+        return DockerChannel(getattr(io, "_sock", io), io)
+
+    def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:
+        with _translate(f"network {name}"):
+            found = [n for n in self.api.networks(names=[name]) if n.get("Name") == name]
+            if found:
+                net = self.api.inspect_network(found[0]["Id"])
+            else:
+                created = self.api.create_network(
+                    name,
+                    driver="bridge",
+                    internal=True,
+                    labels=labels,
+                    options={"com.docker.network.bridge.enable_icc": "false", "com.docker.network.bridge.name": bridge},
+                )
+                net = self.api.inspect_network(created["Id"])
+        if not net.get("Internal"):
+            raise ConfigurationError(f"network {name} exists but is not internal")
+        config = (net.get("IPAM") or {}).get("Config") or []
+        if not config or not config[0].get("Gateway"):
+            raise EngineError(f"network {name} has no IPv4 gateway")
+        bridge = (net.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{net['Id'][:12]}"
+        return NetworkInfo(name, net["Id"], bridge, config[0]["Gateway"], config[0]["Subnet"])
+
+    def remove_network(self, name: str) -> None:
+        try:
+            with _translate(f"remove network {name}"):
+                self.api.remove_network(name)
+        except EngineError as exc:
+            if "not found" not in str(exc).lower() and "no such" not in str(exc).lower():
+                raise
+
+    # -- images ---------------------------------------------------------------------------
+
+    def image_info(self, ref: str) -> ImageInfo | None:
+        try:
+            with _translate(f"inspect image {ref}"):
+                info = self.api.inspect_image(ref)
+        except ImageNotFoundError:
+            return None
+        config = info.get("Config") or {}
+        created = info.get("Created") or 0
+        return ImageInfo(
+            id=info["Id"],
+            tags=tuple(info.get("RepoTags") or ()),
+            labels=dict(config.get("Labels") or {}),
+            user=str(config.get("User") or ""),
+            size=int(info.get("Size") or 0),
+            created=int(created) if isinstance(created, int | float) else 0,
+        )
+
+    def images(self, labels: list[str], dangling: bool | None = None) -> list[ImageInfo]:
+        filters: dict[str, Any] = {"label": labels}
+        if dangling is not None:
+            filters["dangling"] = dangling
+        with _translate("list images"):
+            found = self.api.images(filters=filters)
+        return [
+            ImageInfo(
+                id=img["Id"],
+                tags=tuple(t for t in img.get("RepoTags") or () if t != "<none>:<none>"),
+                labels=dict(img.get("Labels") or {}),
+                size=int(img.get("Size") or 0),
+                created=int(img.get("Created") or 0),
+            )
+            for img in found
+        ]
+
+    def import_image(self, tarball: Path, ref: str, labels: dict[str, str]) -> None:
+        repo, _, tag = ref.partition(":")
+        changes = [f"LABEL {k}={v}" for k, v in labels.items()]
+        with _translate(f"import {ref}"):
+            self.api.import_image(src=str(tarball), repository=repo, tag=tag or "latest", changes=changes)
+
+    def build_image(
+        self, context: dict[str, tuple[bytes, int]], tag: str, labels: dict[str, str], nocache: bool = False
+    ) -> Iterator[str]:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, (data, mode) in sorted(context.items()):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), mode, 0
+                tar.addfile(info, io.BytesIO(data))
+        buf.seek(0)
+        with _translate(f"build {tag}"):
+            for chunk in self.api.build(
+                fileobj=buf,
+                custom_context=True,
+                tag=tag,
+                rm=True,
+                forcerm=True,
+                decode=True,
+                nocache=nocache,
+                labels=labels,
+            ):
+                if "error" in chunk:
+                    raise EngineError(f"building {tag} failed: {str(chunk['error']).strip()}")
+                for line in (chunk.get("stream") or "").splitlines():
+                    if line.strip():
+                        yield line
+
+    def tag_image(self, ref: str, repository: str, tag: str) -> None:
+        with _translate(f"tag {ref}"):
+            self.api.tag(ref, repository, tag, force=True)
+
+    def remove_image(self, ref: str) -> None:
+        with _translate(f"remove {ref}"):
+            self.api.remove_image(ref)
+
+    # -- volumes ----------------------------------------------------------------------------
+
+    def ensure_volume(self, name: str, device: str, labels: dict[str, str]) -> None:
+        if self.volume_labels(name) is not None:
+            return
+        with _translate("create volume"):
+            self.api.create_volume(
+                name=name, driver="local", driver_opts={"type": "none", "o": "bind", "device": device}, labels=labels
+            )
+
+    def volume_labels(self, name: str) -> dict[str, str] | None:
+        try:
+            with _translate("inspect volume"):
+                return dict(self.api.inspect_volume(name).get("Labels") or {})
+        except EngineError as exc:
+            if "no such volume" in str(exc).lower():
+                return None
+            raise
+
+    def remove_volume(self, name: str) -> bool:
+        try:
+            with _translate("remove volume"):
+                self.api.remove_volume(name)
+            return True
+        except EngineError as exc:
+            text = str(exc).lower()
+            if "in use" in text:
+                raise VolumeBusyError(f"volume {name} is in use by a sandbox") from exc
+            if "no such volume" in text or "not found" in text:
+                return False
+            raise
+
+    def volume_in_use(self, name: str) -> bool:
+        with _translate("list containers of a volume"):
+            return bool(self.api.containers(filters={"volume": name, "status": "running"}, quiet=True))
 
     def close(self) -> None:
         self.api.close()

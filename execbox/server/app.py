@@ -91,7 +91,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _sessions(settings: Settings, executor: Executor) -> Sessions:
     """Sessions over the executor's engine, image and limits; the registry in the session store."""
-    url = settings.session_store_url or settings.state_url or f"sqlite:///{settings.data_dir}/state.db"
+    url = settings.session_store()
     config = SessionsConfig(
         image=executor.image,
         default_limits=executor.config.default_limits,
@@ -133,12 +133,23 @@ def create_app(
         store = None
         if own:
             config = ExecutorConfig(
-                image=settings.image, max_code_bytes=settings.max_code_bytes, data_dir=settings.data_dir
+                image=settings.image,
+                max_code_bytes=settings.max_code_bytes,
+                data_dir=settings.data_dir,
+                pool=settings.pool_min_ready > 0,
+                pool_min_ready=settings.pool_min_ready,
+                pool_max_total=settings.pool_max_total,
+                volume_quota=settings.volume_quota,
+                volume_max_idle=settings.volume_max_idle,
             )
-            # The embedded default: SQLite under the data directory.
-            store = open_store(settings.state_url or f"sqlite:///{settings.data_dir}/state.db")
+            store = open_store(settings.state_store())  # the embedded default: SQLite under the data directory
             service.executor = await anyio.to_thread.run_sync(
-                lambda: Executor(config=config, state_store=store, proxy_host_map=settings.proxy_host_map)
+                lambda: Executor(
+                    settings.engine_url,
+                    config=config,
+                    state_store=store,
+                    proxy_host_map=settings.proxy_host_map,
+                )
             )
         else:
             service.executor = executor

@@ -90,9 +90,7 @@ class ExecutionService:
 
     def _job_backend(self) -> JobBackend:
         s = self.settings
-        url = s.queue_url
-        if url is None and s.state_url is not None and s.state_url.startswith(("redis://", "rediss://", "unix://")):
-            url = s.state_url
+        url = s.job_queue()
         if url is None:
             return LocalJobs(self.run_job, self._secret_of, self.webhooks, s.job_ttl, s.max_jobs)
         from .redisjobs import RedisJobs

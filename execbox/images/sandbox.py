@@ -12,26 +12,22 @@ recipe changes:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import shutil
 import subprocess
-import tarfile
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from .exceptions import EngineError
+from ..engine.base import Engine
+from ..exceptions import EngineError
+from .progress import Progress, step
 
-__all__ = ["RootfsRecipe", "build_images", "default_image", "sandbox_files"]
+__all__ = ["IMAGE_LABEL", "SANDBOX_DIR", "RootfsRecipe", "build_images", "default_image", "sandbox_files"]
 
 log = logging.getLogger("execbox.images")
-Progress = Callable[[str], None]
 
 IMAGE_LABEL = "execbox.image"
 SANDBOX_DIR = "/opt/execbox"
@@ -92,21 +88,26 @@ def default_image(recipe: RootfsRecipe | None = None) -> str:
     return f"execbox-sandbox:{_sandbox_digest(rootfs, sandbox_files())}"
 
 
-def _run(cmd: list[str], progress: Progress, **kw: Any) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+def _run(cmd: list[str], progress: Progress) -> None:
+    """Run ``cmd``, each line of its output a detail line of ``progress``."""
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail = [*tail[-40:], line]
+            progress(line)
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise EngineError(f"{cmd[0]} failed (exit {proc.returncode}):\n{tail}")
+        raise EngineError(f"{cmd[0]} failed (exit {proc.returncode}):\n" + "\n".join(tail)[-2000:])
 
 
-def build_rootfs(api: Any, recipe: RootfsRecipe, progress: Progress) -> str:
+def build_rootfs(engine: Engine, recipe: RootfsRecipe, progress: Progress) -> str:
     """debootstrap the recipe into a temporary folder and import it as an image."""
     if shutil.which("debootstrap") is None:
         raise EngineError("debootstrap is not installed (apt-get install -y debootstrap)")
     with tempfile.TemporaryDirectory(prefix="execbox-rootfs-", dir="/var/tmp") as tmp:
         root = Path(tmp) / "rootfs"
-        t0 = time.monotonic()
-        progress(f"debootstrap {recipe.suite} ({', '.join(recipe.packages)}) ...")
+        step(progress, f"debootstrap {recipe.suite} ({', '.join(recipe.packages)})")
         _run(
             [
                 "debootstrap",
@@ -118,7 +119,6 @@ def build_rootfs(api: Any, recipe: RootfsRecipe, progress: Progress) -> str:
             ],
             progress,
         )
-        progress(f"debootstrap done in {time.monotonic() - t0:.0f} s")
         # Smaller image: package caches and lists are not needed at run time.
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
             shutil.rmtree(root / junk, ignore_errors=True)
@@ -126,64 +126,36 @@ def build_rootfs(api: Any, recipe: RootfsRecipe, progress: Progress) -> str:
             (root / d).mkdir(parents=True, exist_ok=True)
         (root / "work").chmod(0o1777)
         tarball = Path(tmp) / "rootfs.tar"
+        step(progress, f"import {recipe.tag}")
         _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(tarball), "."], progress)
-        repo, tag = recipe.tag.split(":")
-        progress(f"importing {recipe.tag} ...")
-        api.import_image(src=str(tarball), repository=repo, tag=tag, changes=[f"LABEL {IMAGE_LABEL}=rootfs"])
+        engine.import_image(tarball, recipe.tag, {IMAGE_LABEL: "rootfs"})
     return recipe.tag
 
 
-def build_sandbox(api: Any, rootfs_tag: str, progress: Progress) -> str:
+def build_sandbox(engine: Engine, rootfs_tag: str, progress: Progress) -> str:
     files = sandbox_files()
     tag = f"execbox-sandbox:{_sandbox_digest(rootfs_tag, files)}"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in [("Dockerfile", _dockerfile(rootfs_tag).encode())] + [
-            (f"files/{n}", d) for n, d in files.items()
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    progress(f"building {tag} ...")
-    for chunk in api.build(
-        fileobj=buf,
-        custom_context=True,
-        tag=tag,
-        rm=True,
-        forcerm=True,
-        decode=True,
-        labels={IMAGE_LABEL: "sandbox"},
-    ):
-        if "error" in chunk:
-            raise EngineError(f"image build failed: {chunk['error']}")
-        line = (chunk.get("stream") or "").strip()
-        if line:
-            progress(line)
+    context = {"Dockerfile": (_dockerfile(rootfs_tag).encode(), 0o644)}
+    context.update({f"files/{n}": (d, 0o644) for n, d in files.items()})
+    step(progress, f"agent layer {tag}")
+    for line in engine.build_image(context, tag, {IMAGE_LABEL: "sandbox"}):
+        progress(line)
     return tag
 
 
 def build_images(
-    api: Any, recipe: RootfsRecipe | None = None, progress: Progress = log.info, force: bool = False
+    engine: Engine, recipe: RootfsRecipe | None = None, progress: Progress = log.info, force: bool = False
 ) -> str:
     """Build whatever of the default images is missing; return the sandbox image tag."""
     recipe = recipe or RootfsRecipe()
-
-    def exists(tag: str) -> bool:
-        try:
-            api.inspect_image(tag)
-            return True
-        except Exception:
-            return False
-
+    exists = engine.image_exists
     if force or not exists(recipe.tag):
-        build_rootfs(api, recipe, progress)
+        build_rootfs(engine, recipe, progress)
     else:
         progress(f"{recipe.tag} is up to date")
     tag = default_image(recipe)
     if force or not exists(tag):
-        build_sandbox(api, recipe.tag, progress)
+        build_sandbox(engine, recipe.tag, progress)
     else:
         progress(f"{tag} is up to date")
     return tag

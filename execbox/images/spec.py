@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .exceptions import InvalidRequestError
+from ..exceptions import InvalidRequestError
 
 __all__ = ["BuildPlan", "FileEntry", "ImageSpec", "buildtools_dockerfile", "render", "spec_alias"]
 
