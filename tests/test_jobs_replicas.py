@@ -58,7 +58,7 @@ def replicas(tmp_path: Path, queue: tuple[str, redis.Redis], engine: Engine) -> 
     def start(name: str, **env: str) -> ServeProcess:
         base = {
             "EXECBOX_QUEUE_URL": queue[0],
-            "EXECBOX_JOB_HEARTBEAT_TTL": "2",
+            "EXECBOX_JOB_HEARTBEAT_TTL": "3",
             "EXECBOX_ALLOW_PRIVATE_CALLBACKS": "1",
             "EXECBOX_WEBHOOK_TIMEOUT": "5",
         }
