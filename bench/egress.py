@@ -1,12 +1,14 @@
 """What egress costs: the proxy's added latency per request, and the extra cost of a run with egress.
 
-    .venv/bin/python bench/egress.py [--requests 200] [--runs 15]
+    .venv/bin/python bench/egress.py [--requests 200] [--runs 15] [--pooled 40]
 
 Everything stays on this machine: upstream servers of the benchmark's own on loopback,
 mapped to test hostnames by the proxy's host map; sandboxes on the egress network.
 Requests open a new connection each time (no keep-alive), from the host, directly vs
 through the proxy; runs are `print(1)` / `console.log(1)` in a fresh sandbox without
-network vs on the egress network (prepare + run + finish). Not part of the test suite.
+network vs on the egress network (prepare + run + finish). Then, through an Executor
+with its warm pool: paced `print(1)` runs (each waits until a ready sandbox is there, so
+every run is a pool hit) without network vs with egress. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -54,8 +56,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--pooled", type=int, default=40, help="paced pooled runs per kind (0: skip)")
+    ap.add_argument("--only-pooled", action="store_true", help="only the pooled comparison")
     args = ap.parse_args()
     n, runs = min(args.requests, 2000), min(args.runs, 100)
+    if args.pooled:
+        pooled(min(args.pooled, 200))
+    if args.only_pooled:
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="execbox-bench-egress-"))
     cert, tls = self_signed(tmp)
@@ -174,6 +182,41 @@ def main() -> None:
         plain.close()
         secure.close()
         engine.close()
+
+
+def pooled(n: int) -> None:
+    """Pooled print(1): no network vs egress, each run paced so that it is a pool hit."""
+    from execbox import Executor
+    from execbox.pool import Profile
+    from execbox.runtimes import get_runtime
+
+    plain = start_upstream()
+    ex = Executor(pool=True, pool_min_ready=1, proxy_host_map={PLAIN_HOST: f"127.0.0.1:{plain.port}"})
+    policy = {"mode": "proxy", "allow": [PLAIN_HOST]}
+    try:
+        ex.execute("print(0)", language="python", network=policy)  # starts egress and its pooled sandboxes
+        print(f"pooled python print(1), paced (a ready sandbox before each run), {n} each:")
+        results = {}
+        for label, network in (("network=none", None), ("egress", ex.egress.network)):
+            profile = Profile.of(get_runtime("python"), ex.image, ex.config.default_limits, network or "none")
+            xs = []
+            for _ in range(n + 1):
+                deadline = time.monotonic() + 30
+                while ex.pool.ready_count(profile) < 1 and time.monotonic() < deadline:  # type: ignore[union-attr]
+                    time.sleep(0.005)
+                time.sleep(0.05)  # let the refiller's container creation settle (it competes for the CPU)
+                t = time.perf_counter()
+                r = ex.execute("print(1)", language="python", network=policy if network else None)
+                xs.append((time.perf_counter() - t) * 1000)
+                assert r.stdout == "1\n", r.stderr
+            results[label] = xs[1:]
+            row(f"python {label} (pooled)", results[label])
+        a, b = pct(results["network=none"], 50), pct(results["egress"], 50)
+        stats = ex.pool_stats()
+        print(f"  egress / none, p50: {b / a:.2f}x   (pool hits {stats.hits}, misses {stats.misses})\n")  # type: ignore[union-attr]
+    finally:
+        ex.close()
+        plain.close()
 
 
 if __name__ == "__main__":

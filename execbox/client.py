@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pydantic
 
+from .client_sessions import AsyncSessionsMixin, SessionsMixin
 from .exceptions import (
     AuthenticationError,
     EngineError,
@@ -37,7 +37,7 @@ from .exceptions import (
 )
 from .models import ExecutionRequest, ExecutionResult
 from .server.schemas import ExecutionJob, Submitted
-from .sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionList, SessionResult
+from .sessions import SessionResult
 
 __all__ = ["AsyncClient", "Client", "StreamEvent"]
 
@@ -52,7 +52,7 @@ class StreamEvent:
 
     kind: str  # "stdout" | "stderr" | "result"
     data: str = ""
-    result: ExecutionResult | None = None
+    result: ExecutionResult | SessionResult | None = None  # SessionResult from session_stream()
 
 
 def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -67,26 +67,6 @@ def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
         raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
     return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
-
-
-def _validated(model: type[pydantic.BaseModel], fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` checked as the service will check them (same errors as the library), as JSON."""
-    try:
-        req = model.model_validate({k: v for k, v in fields.items() if v is not None})
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
-    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
-
-
-# Session calls: the session's own timeout is not known here, so allow for the largest.
-_SESSION_CREATE_READ = 90.0
-_SESSION_CALL_READ = 300.0
-
-
-def _sid(session_id: str) -> str:
-    return urllib.parse.quote(session_id, safe="")
 
 
 def _read_timeout(body: dict[str, Any], slack: float) -> float:
@@ -134,7 +114,7 @@ def error_from(
     if status == 401:
         return AuthenticationError(message, status)
     if status == 403:
-        return PermissionDeniedError(message, status)
+        return PermissionDeniedError(message, status, field)
     if status == 404:
         return NotFoundError(message, status)
     if status == 429:
@@ -149,9 +129,10 @@ def _transport_error(exc: httpx.HTTPError) -> ServiceError:
 
 
 class _SSEParser:
-    """Server-sent events, line by line."""
+    """Server-sent events, line by line; the ``result`` event as a ``model``."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: type[ExecutionResult] | type[SessionResult] = ExecutionResult) -> None:
+        self.model = model
         self.event = "message"
         self.data: list[str] = []
 
@@ -162,7 +143,7 @@ class _SSEParser:
             event, payload = self.event, json.loads("\n".join(self.data))
             self.event, self.data = "message", []
             if event == "result":
-                return StreamEvent("result", result=ExecutionResult.model_validate(payload))
+                return StreamEvent("result", result=self.model.model_validate(payload))
             if event == "error":
                 raise error_from(None, payload.get("type"), payload.get("message", "error"), payload.get("field"))
             return StreamEvent(event, data=str(payload.get("data", "")))
@@ -187,7 +168,7 @@ class _Base:
         return httpx.Timeout(_DEFAULT_TIMEOUT, read=read)
 
 
-class Client(_Base):
+class Client(SessionsMixin, _Base):
     """Synchronous client of an execbox service."""
 
     def __init__(
@@ -248,19 +229,18 @@ class Client(_Base):
     ) -> Iterator[StreamEvent]:
         """Run ``code`` and yield its output as it is produced; the last event is the result."""
         body = _request(code, env, language, fields)
+        return self._events("/v1/execute", body, _read_timeout(body, self.slack), ExecutionResult)
+
+    def _events(
+        self, path: str, body: dict[str, Any], read: float, model: type[ExecutionResult] | type[SessionResult]
+    ) -> Iterator[StreamEvent]:
         headers = {"Accept": "text/event-stream"}
         try:
-            with self._http.stream(
-                "POST",
-                "/v1/execute",
-                json=body,
-                headers=headers,
-                timeout=self._timeout(_read_timeout(body, self.slack)),
-            ) as response:
+            with self._http.stream("POST", path, json=body, headers=headers, timeout=self._timeout(read)) as response:
                 if not response.is_success:
                     response.read()
                     raise_for_response(response)
-                parser = _SSEParser()
+                parser = _SSEParser(model)
                 for line in response.iter_lines():
                     event = parser.feed(line)
                     if event is not None:
@@ -309,56 +289,6 @@ class Client(_Base):
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeoutError(f"execution {execution_id} still {job.status} after {timeout} s")
 
-    # -- sessions -------------------------------------------------------------------------------
-
-    def create_session(
-        self,
-        user_id: str,
-        language: str = "python",
-        *,
-        image: str | None = None,
-        limits: dict[str, Any] | None = None,
-        idle_timeout: float | None = None,
-        max_lifetime: float | None = None,
-        repl: bool | None = None,
-    ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
-        body = _validated(
-            SessionCreateRequest,
-            {
-                "user_id": user_id,
-                "language": language,
-                "image": image,
-                "limits": limits,
-                "idle_timeout": idle_timeout,
-                "max_lifetime": max_lifetime,
-                "repl": repl,
-            },
-        )
-        response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
-        return SessionInfo.model_validate(response.json())
-
-    def session_execute(
-        self, session_id: str, code: str, env: dict[str, str] | None = None, *, timeout: float | None = None
-    ) -> SessionResult:
-        """Run ``code`` in the session (NotFoundError once it ended)."""
-        body = _validated(SessionExecuteRequest, {"code": code, "env": env, "timeout": timeout})
-        read = (timeout or _SESSION_CALL_READ) + self.slack
-        response = self._send("POST", f"/v1/sessions/{_sid(session_id)}/execute", read, json=body)
-        return SessionResult.model_validate(response.json())
-
-    def list_sessions(self) -> list[SessionInfo]:
-        """This tenant's live sessions."""
-        return SessionList.model_validate(self._send("GET", "/v1/sessions", _DEFAULT_TIMEOUT).json()).sessions
-
-    def get_session(self, session_id: str) -> SessionInfo:
-        response = self._send("GET", f"/v1/sessions/{_sid(session_id)}", _DEFAULT_TIMEOUT)
-        return SessionInfo.model_validate(response.json())
-
-    def delete_session(self, session_id: str) -> None:
-        """End the session now (NotFoundError if there is none)."""
-        self._send("DELETE", f"/v1/sessions/{_sid(session_id)}", 30.0)
-
 
 def _job_result(job: ExecutionJob) -> ExecutionResult:
     if job.result is not None:
@@ -367,7 +297,7 @@ def _job_result(job: ExecutionJob) -> ExecutionResult:
     raise error_from(None, err.type if err else None, err.message if err else "failed", err.field if err else None)
 
 
-class AsyncClient(_Base):
+class AsyncClient(AsyncSessionsMixin, _Base):
     """Asynchronous client of an execbox service (the same methods as ``Client``, awaitable)."""
 
     def __init__(
@@ -422,19 +352,21 @@ class AsyncClient(_Base):
         **fields: Any,
     ) -> AsyncIterator[StreamEvent]:
         body = _request(code, env, language, fields)
+        async for event in self._events("/v1/execute", body, _read_timeout(body, self.slack), ExecutionResult):
+            yield event
+
+    async def _events(
+        self, path: str, body: dict[str, Any], read: float, model: type[ExecutionResult] | type[SessionResult]
+    ) -> AsyncIterator[StreamEvent]:
         headers = {"Accept": "text/event-stream"}
         try:
             async with self._http.stream(
-                "POST",
-                "/v1/execute",
-                json=body,
-                headers=headers,
-                timeout=self._timeout(_read_timeout(body, self.slack)),
+                "POST", path, json=body, headers=headers, timeout=self._timeout(read)
             ) as response:
                 if not response.is_success:
                     await response.aread()
                     raise_for_response(response)
-                parser = _SSEParser()
+                parser = _SSEParser(model)
                 async for line in response.aiter_lines():
                     event = parser.feed(line)
                     if event is not None:
@@ -477,54 +409,3 @@ class AsyncClient(_Base):
                 return _job_result(job)
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeoutError(f"execution {execution_id} still {job.status} after {timeout} s")
-
-    # -- sessions -------------------------------------------------------------------------------
-
-    async def create_session(
-        self,
-        user_id: str,
-        language: str = "python",
-        *,
-        image: str | None = None,
-        limits: dict[str, Any] | None = None,
-        idle_timeout: float | None = None,
-        max_lifetime: float | None = None,
-        repl: bool | None = None,
-    ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
-        body = _validated(
-            SessionCreateRequest,
-            {
-                "user_id": user_id,
-                "language": language,
-                "image": image,
-                "limits": limits,
-                "idle_timeout": idle_timeout,
-                "max_lifetime": max_lifetime,
-                "repl": repl,
-            },
-        )
-        response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
-        return SessionInfo.model_validate(response.json())
-
-    async def session_execute(
-        self, session_id: str, code: str, env: dict[str, str] | None = None, *, timeout: float | None = None
-    ) -> SessionResult:
-        """Run ``code`` in the session (NotFoundError once it ended)."""
-        body = _validated(SessionExecuteRequest, {"code": code, "env": env, "timeout": timeout})
-        read = (timeout or _SESSION_CALL_READ) + self.slack
-        response = await self._send("POST", f"/v1/sessions/{_sid(session_id)}/execute", read, json=body)
-        return SessionResult.model_validate(response.json())
-
-    async def list_sessions(self) -> list[SessionInfo]:
-        """This tenant's live sessions."""
-        response = await self._send("GET", "/v1/sessions", _DEFAULT_TIMEOUT)
-        return SessionList.model_validate(response.json()).sessions
-
-    async def get_session(self, session_id: str) -> SessionInfo:
-        response = await self._send("GET", f"/v1/sessions/{_sid(session_id)}", _DEFAULT_TIMEOUT)
-        return SessionInfo.model_validate(response.json())
-
-    async def delete_session(self, session_id: str) -> None:
-        """End the session now (NotFoundError if there is none)."""
-        await self._send("DELETE", f"/v1/sessions/{_sid(session_id)}", 30.0)

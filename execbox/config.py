@@ -38,6 +38,9 @@ class ExecutorConfig(BaseModel):
     pool_max_total: int = Field(8, ge=0, description="Cap on ready plus in-creation pooled sandboxes.")
     pool_max_idle_age: float = Field(300.0, gt=0, description="Ready sandboxes older than this are replaced.")
     pool_refill_concurrency: int = Field(2, ge=1, description="Sandboxes created at once by the refiller.")
+    pool_egress: bool = Field(
+        True, description="Once a run uses egress, also keep sandboxes ready on the egress network."
+    )
 
     @model_validator(mode="after")
     def _defaults_within_max(self) -> ExecutorConfig:

@@ -129,7 +129,11 @@ class AuthenticationError(ServiceError):
 
 
 class PermissionDeniedError(ServiceError):
-    """The tenant may not do this, e.g. use this language or image (HTTP 403)."""
+    """The tenant may not do this, e.g. use this language or image (HTTP 403); ``field`` says which."""
+
+    def __init__(self, message: str, status_code: int | None = None, field: str | None = None) -> None:
+        super().__init__(message, status_code)
+        self.field = field
 
 
 class NotFoundError(ServiceError):

@@ -22,7 +22,7 @@ from .hardening import WORKDIR
 from .images import default_image
 from .models import ExecutionRequest, ExecutionResult, Limits
 from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory
-from .protocol import CappedOutput
+from .protocol import CappedOutput, CollectedFiles
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
 from .state import StateStore, check_id, extract_state, state_env
@@ -78,6 +78,7 @@ class Executor:
         self.state_store = state_store
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
         self._egress_lock = threading.Lock()
+        self._egress_pooled = False
         self._volumes: VolumeManager | None = None
         self._egress: Egress | None = egress if isinstance(egress, Egress) else None
         self._owns_egress = self._egress is None
@@ -201,6 +202,7 @@ class Executor:
         exec_id = uuid.uuid4().hex[:16]
         grant = None
         if request.network is not None and request.network.mode == "proxy":
+            self._keep_egress_ready()
             grant = self.egress.prepare(
                 exec_id,
                 request.network,
@@ -214,6 +216,18 @@ class Executor:
         finally:
             if grant is not None:
                 self.egress.finish(exec_id)
+
+    def _keep_egress_ready(self) -> None:
+        """Once egress runs happen, keep warm sandboxes on its network too (the grant comes
+        with each request: the sandboxes hold nothing of any run)."""
+        if self.pool is None or not self.config.pool_egress or self._egress_pooled:
+            return
+        self.egress.start()
+        network = self.egress.network
+        self._egress_pooled = True
+        for language in self.config.pool_languages:
+            profile = Profile.of(get_runtime(language), self.image, self.config.default_limits, network)
+            self.pool.keep_ready(profile, self.config.pool_min_ready)
 
     def _run_sandbox(
         self,
@@ -245,7 +259,10 @@ class Executor:
             "workdir": WORKDIR,
             "timeout": limits.timeout,
             "output_bytes": limits.output_bytes,
-            "warm": runtime.warm_ok(user_env),
+            # The grant's start-up variables (NODE_OPTIONS, PYTHONPATH, NODE_EXTRA_CA_CERTS) are
+            # covered by its preload, which a warm runtime loads itself: only the caller's count.
+            "warm": runtime.warm_ok(request.env),
+            "preload": grant.preloads.get(runtime.name) if grant is not None else None,
         }
         volume = self.volumes.ensure(tenant, request.user_id) if request.volume and request.user_id else None
         profile = Profile.of(
@@ -410,9 +427,7 @@ class Executor:
         meta: dict[str, Any] | None = None
         agent_error: str | None = None
         killed_by_host = False
-        files: dict[str, bytes] = {}
-        files_budget = limits.output_bytes
-        files_truncated = False
+        files = CollectedFiles(limits.output_bytes)
         deadline = time.monotonic() + limits.timeout + self.config.kill_grace
         try:
             while meta is None and agent_error is None:
@@ -443,12 +458,7 @@ class Executor:
                     elif kind == b"K":
                         continue
                     elif kind == b"F":
-                        path, _, content = body.partition(b"\0")
-                        if len(content) <= files_budget and len(files) < 1000:
-                            files[path.decode("utf-8", "replace")] = content
-                            files_budget -= len(content)
-                        else:
-                            files_truncated = True
+                        files.add(body)
                     else:
                         agent_error = body.decode("utf-8", "replace")
                         break
@@ -490,8 +500,8 @@ class Executor:
             or err.truncated
             or bool(meta and (meta.get("stdout_truncated") or meta.get("stderr_truncated"))),
             sandbox_id=sid,
-            files=files,
-            files_truncated=files_truncated or bool(meta and meta.get("files_truncated")),
+            files=files.files,
+            files_truncated=files.truncated or bool(meta and meta.get("files_truncated")),
         )
 
 

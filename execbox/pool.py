@@ -108,6 +108,8 @@ class SandboxFactory:
         command: tuple[str, ...] = AGENT_COMMAND
         if runtime.warm_argv is not None:
             warm = {"argv": list(runtime.warm_argv), "env": runtime.environment({}), "workdir": WORKDIR}
+            if profile.network != "none":
+                warm["prime"] = list(runtime.network_prime)
             command = (*AGENT_COMMAND, "--warm", json.dumps(warm, separators=(",", ":")))
         lease: UidLease | None = None
         if profile.uid is not None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 from .exceptions import SandboxError
 
-__all__ = ["KINDS", "CappedOutput", "FrameDecoder"]
+__all__ = ["KINDS", "CappedOutput", "CollectedFiles", "FrameDecoder"]
 
 _HEAD = struct.Struct(">cI")
 KINDS = {b"K", b"O", b"E", b"F", b"R", b"X"}
@@ -61,3 +61,26 @@ class CappedOutput:
 
     def text(self) -> str:
         return self.buf.decode("utf-8", "replace")
+
+
+class CollectedFiles:
+    """The ``F`` frames of one run or session call: files kept within a byte budget and a count cap.
+
+    A file that does not fit is left out and noted (``truncated``), as the agent notes the
+    files it did not send.
+    """
+
+    MAX_COUNT = 1000
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.files: dict[str, bytes] = {}
+        self.truncated = False
+
+    def add(self, frame: bytes) -> None:
+        path, _, content = frame.partition(b"\0")
+        if len(content) <= self.budget and len(self.files) < self.MAX_COUNT:
+            self.files[path.decode("utf-8", "replace")] = content
+            self.budget -= len(content)
+        else:
+            self.truncated = True

@@ -33,6 +33,9 @@ class Runtime:
     # Variables read only at interpreter start-up: when the caller sets one, the
     # program is started cold so that it takes effect.
     startup_env_prefixes: tuple[str, ...] = ()
+    # Loaded by a warm runtime on an egress network before the request: what the egress
+    # preload and ordinary HTTP(S) clients need, paid off the run's clock.
+    network_prime: tuple[str, ...] = ()
 
     def warm_ok(self, user_env: dict[str, str]) -> bool:
         """Whether a pre-started runtime can run a program with ``user_env``."""
@@ -51,6 +54,7 @@ RUNTIMES: tuple[Runtime, ...] = (
         aliases=("js", "node", "nodejs"),
         warm_argv=("node", "/opt/execbox/warm_node.js"),
         startup_env_prefixes=("NODE_", "UV_"),
+        network_prime=("net", "tls", "http", "https", "fetch"),
     ),
     Runtime(
         "python",
@@ -60,6 +64,7 @@ RUNTIMES: tuple[Runtime, ...] = (
         env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
         warm_argv=("python3", "/opt/execbox/warm_python.py"),
         startup_env_prefixes=("PYTHON",),
+        network_prime=("base64", "socket", "ssl", "urllib.parse", "http.client", "urllib.request", "json"),
     ),
     Runtime("bash", "main.sh", ("bash", "main.sh"), aliases=("sh", "shell")),
 )

@@ -28,6 +28,7 @@ JavaScript a REPL worker keeps variables and imports between calls (``repl=True`
 
 from __future__ import annotations
 
+import base64
 import builtins
 import json
 import logging
@@ -36,12 +37,12 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .egress.policy import NetworkPolicy
 from .engine import open_engine
@@ -59,8 +60,16 @@ from .exceptions import (
 from .hardening import WORKDIR, sandbox_spec
 from .images import SANDBOX_DIR, default_image
 from .labels import KIND, OWNER, labels_for, owner_alive, owner_id
-from .models import DEFAULT_MAX_LIMITS, Limits, check_code, check_env
-from .protocol import CappedOutput, FrameDecoder
+from .models import (
+    DEFAULT_MAX_LIMITS,
+    MAX_COLLECT_PATTERNS,
+    FileBytes,
+    Limits,
+    check_code,
+    check_env,
+    check_rel_path,
+)
+from .protocol import CappedOutput, CollectedFiles, FrameDecoder
 from .runtimes import get_runtime
 from .state import StateBusyError, StateStore, check_id
 
@@ -165,14 +174,42 @@ class SessionExecuteRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    code: str = Field(min_length=1, description="Code to run in the session.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for this call only.")
     timeout: float | None = Field(None, gt=0, description="Wall-clock limit of this call (default: limits.timeout).")
+    files: dict[str, FileBytes] = Field(
+        default_factory=dict,
+        description="Files written into /work before the code runs: path -> content (base64 in JSON). They stay.",
+    )
+    collect: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_COLLECT_PATTERNS,
+        description="Glob patterns (relative to /work) of files to return in the result after the code ran;"
+        " symlinks are never followed; the total is capped by limits.output_bytes.",
+    )
+    # Last, so that its check sees files and collect.
+    code: str | None = Field(
+        None,
+        min_length=1,
+        validate_default=True,
+        description="Code to run in the session; may be left out by a call that only moves files.",
+    )
 
     @field_validator("code")
     @classmethod
-    def _code(cls, v: str) -> str:
-        return check_code(v)
+    def _code(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and not info.data.get("files") and not info.data.get("collect"):
+            raise ValueError("code is required (unless the call only writes files or collects them)")
+        return None if v is None else check_code(v)
+
+    @field_validator("files")
+    @classmethod
+    def _file_paths(cls, v: dict[str, bytes]) -> dict[str, bytes]:
+        return {check_rel_path(path, "file path"): data for path, data in v.items()}
+
+    @field_validator("collect")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return [check_rel_path(pattern, "collect pattern") for pattern in v]
 
     @field_validator("env")
     @classmethod
@@ -220,6 +257,10 @@ class SessionResult(BaseModel):
     timed_out: bool = Field(False, description="The call ran past its timeout and was interrupted or killed.")
     oom_killed: bool = Field(False, description="The call's process was killed for lack of memory.")
     output_truncated: bool = Field(False, description="Output beyond limits.output_bytes was dropped.")
+    files: dict[str, FileBytes] = Field(
+        default_factory=dict, description="Files matched by the call's collect patterns (base64 in JSON)."
+    )
+    files_truncated: bool = Field(False, description="Some matching files were left out (size or count cap).")
     repl_reset: bool = Field(
         False,
         description="The REPL was restarted before or during this call (a timeout it did not survive, an OOM"
@@ -401,6 +442,7 @@ class Sessions:
         self._rand = random.Random()
         self._closed = False
         self._stop = threading.Event()
+        self._counts = {"created": 0, "ended": 0}  # by this object, since it was made
         self.reap()  # adopt what lives, remove what the registry does not know
         self._reaper: threading.Thread | None = None
         if start_reaper:
@@ -484,26 +526,43 @@ class Sessions:
             rec.id,
             extra={"session_id": rec.id, "tenant": tenant, "user_id": user_id, "language": rec.language},
         )
+        self._counts["created"] += 1
         return rec.info()
 
     def execute(
         self,
         session_id: str,
-        code: str,
+        code: str | None,
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         *,
         tenant: str = "default",
+        files: dict[str, bytes | str] | None = None,
+        collect: builtins.list[str] | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
     ) -> SessionResult:
-        """Run ``code`` in the session; its output and status, for this call only."""
+        """Run ``code`` in the session; its output and status, for this call only.
+
+        ``files`` (bytes or text) are written under /work first and stay there; files
+        matching ``collect`` come back in ``result.files``; ``code=None`` only moves files.
+        ``on_output(stream, chunk)`` sees the output as it arrives.
+        """
         self._check_open()
         try:
-            req = SessionExecuteRequest(code=code, env=env or {}, timeout=timeout)
+            req = SessionExecuteRequest.model_validate(
+                {
+                    "code": code,
+                    "env": env or {},
+                    "timeout": timeout,
+                    "files": {p: c.encode() if isinstance(c, str) else c for p, c in (files or {}).items()},
+                    "collect": collect or [],
+                }
+            )
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first.get("loc", ())) or "request"
             raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
-        if len(req.code.encode()) > self.config.max_code_bytes:
+        if req.code is not None and len(req.code.encode()) > self.config.max_code_bytes:
             raise InvalidRequestError("code", f"larger than {self.config.max_code_bytes} bytes")
         rec = self._record(tenant, session_id)
         call_timeout = req.timeout if req.timeout is not None else rec.limits.timeout
@@ -513,7 +572,7 @@ class Sessions:
         try:
             with self.store.lock(_LOCKS, rec.id, lease=lease, wait=call_timeout + self.config.busy_wait):
                 rec = self._record(tenant, session_id)  # it may have ended while we waited
-                return self._execute_locked(rec, req, call_timeout)
+                return self._execute_locked(rec, req, call_timeout, on_output)
         except StateBusyError:
             raise SessionBusyError(f"session {session_id} is busy with another call") from None
 
@@ -531,6 +590,16 @@ class Sessions:
             if (user_id is None or rec.user_id == user_id) and rec.expires_at() > now
         ]
         return sorted(out, key=lambda s: s.created_at)
+
+    def stats(self) -> dict[str, int]:
+        """Gauges: live sessions in the registry (every replica's), this process's connections to
+        them, and the sessions this object created and ended."""
+        now = time.time()
+        live = [r for r in self._records() if r.expires_at() > now]
+        with self._lock:
+            attached = len(self._links)
+        creating = sum(1 for r in live if r.status == "creating")
+        return {"live": len(live), "creating": creating, "attached": attached, **self._counts}
 
     def delete(self, session_id: str, *, tenant: str = "default") -> None:
         """End the session now (a call running in it ends too); SessionNotFoundError if there is none."""
@@ -725,7 +794,9 @@ class Sessions:
             self._links[rec.id] = link
         return link
 
-    def _execute_locked(self, rec: _Record, req: SessionExecuteRequest, timeout: float) -> SessionResult:
+    def _execute_locked(
+        self, rec: _Record, req: SessionExecuteRequest, timeout: float, on_output: Callable[[str, bytes], None] | None
+    ) -> SessionResult:
         if rec.status != "ready" or rec.container_id is None:
             raise SessionBusyError(f"session {rec.id} is still being created")
         rec.calls += 1
@@ -743,7 +814,7 @@ class Sessions:
             raise SessionNotFoundError(f"session {rec.id} ended: its container stopped answering") from None
         link.in_use = True
         try:
-            result = self._call(rec, link, req, timeout, started)
+            result = self._call(rec, link, req, timeout, started, on_output)
         finally:
             link.in_use = False
             with self._lock:
@@ -759,11 +830,18 @@ class Sessions:
         return result
 
     def _call(
-        self, rec: _Record, link: _Link, req: SessionExecuteRequest, timeout: float, started: float
+        self,
+        rec: _Record,
+        link: _Link,
+        req: SessionExecuteRequest,
+        timeout: float,
+        started: float,
+        on_output: Callable[[str, bytes], None] | None,
     ) -> SessionResult:
         cap = rec.limits.output_bytes
         link.decoder.max_frame = max(cap, 1 << 16) + (1 << 16)
-        out, err = CappedOutput(cap), CappedOutput(cap)
+        out, err = CappedOutput(cap, "stdout", on_output), CappedOutput(cap, "stderr", on_output)
+        files = CollectedFiles(cap)
         meta: dict[str, Any] | None = None
         ended = killed = False
         deadline = time.monotonic() + timeout + self.config.interrupt_grace + _RESTART_SLACK
@@ -776,6 +854,8 @@ class Sessions:
                     "env": req.env,
                     "timeout": timeout,
                     "output_bytes": cap,
+                    "files": {p: base64.b64encode(data).decode() for p, data in req.files.items()},
+                    "collect": req.collect,
                 }
             )
             for kind, body in link.frames(deadline):
@@ -783,6 +863,8 @@ class Sessions:
                     out.add(body)
                 elif kind == b"E":
                     err.add(body)
+                elif kind == b"F":
+                    files.add(body)
                 elif kind == b"R":
                     meta = json.loads(body)
                     break
@@ -806,6 +888,8 @@ class Sessions:
             self._end(rec, "its agent broke the protocol")
             raise SandboxError(f"session {rec.id}: {exc}") from exc
         oom = False
+        if meta is not None and "files_error" in meta:
+            raise InvalidRequestError("files", f"cannot write them in the session: {meta['files_error']}")
         if meta is not None:
             exit_code = int(meta["exit_code"])
             signal = meta.get("signal")
@@ -829,6 +913,8 @@ class Sessions:
             output_truncated=out.truncated
             or err.truncated
             or bool(meta and (meta.get("stdout_truncated") or meta.get("stderr_truncated"))),
+            files=files.files,
+            files_truncated=files.truncated or bool(meta and meta.get("files_truncated")),
             repl_reset=bool(meta and (meta.get("reset") or meta.get("reset_before"))) or (ended and rec.repl),
             session_ended=ended,
         )
@@ -909,6 +995,7 @@ class Sessions:
         self.store.delete_record(RECORD_KIND, rec.key)
         with self._lock:
             link = self._links.pop(rec.id, None)
+            self._counts["ended"] += 1
         if link is not None and not link.in_use:
             link.close()
         cid = rec.container_id

@@ -260,3 +260,68 @@ def run_in_sandbox(
                         raise AssertionError(f"agent error: {body!r}")
         finally:
             chan.close()
+
+
+class WebSocketEcho:
+    """A WebSocket server on loopback that echoes each text/binary message, then closes when asked."""
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.messages: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        import hashlib
+
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            key = next(
+                line.split(":", 1)[1].strip()
+                for line in head.decode("latin-1").split("\r\n")
+                if line.lower().startswith("sec-websocket-key:")
+            )
+            accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
+            conn.sendall(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+            )
+            reader = conn.makefile("rb")
+            while True:
+                b1, b2 = reader.read(2)
+                opcode, length = b1 & 0x0F, b2 & 0x7F
+                if length == 126:
+                    length = struct.unpack(">H", reader.read(2))[0]
+                elif length == 127:
+                    length = struct.unpack(">Q", reader.read(8))[0]
+                mask = reader.read(4) if b2 & 0x80 else b"\0\0\0\0"
+                payload = bytes(c ^ mask[i % 4] for i, c in enumerate(reader.read(length)))
+                if opcode == 8:  # close: answer it
+                    conn.sendall(bytes([0x88, len(payload)]) + payload)
+                    return
+                self.messages.append(payload)
+                header = bytes([0x80 | opcode]) + (
+                    bytes([length]) if length < 126 else bytes([126]) + struct.pack(">H", length)
+                )
+                conn.sendall(header + payload)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -136,3 +136,53 @@ def test_dns_lookups_give_up_quickly(ex: Executor) -> None:
         timeout=8,
     )
     assert not r.timed_out and r.stdout == "failed\nfailed\nfailed\n", r
+
+
+REFUSALS_PY = r"""
+import json, socket, time
+out = {}
+t = time.monotonic()
+try:
+    socket.create_connection(("denied.example.test", 443), timeout=8)
+    out["denied"] = "connected"
+except OSError as e:
+    out["denied"] = str(e)
+out["denied_s"] = time.monotonic() - t
+t = time.monotonic()
+s = socket.create_connection(("plain.example.test", 80), timeout=8)
+s.sendall(bytes.fromhex("0000000804d2162f"))  # a PostgreSQL SSLRequest: neither HTTP nor TLS
+s.settimeout(8)
+try:
+    out["raw"] = repr(s.recv(16))
+except OSError as e:
+    out["raw"] = type(e).__name__
+out["raw_s"] = time.monotonic() - t
+print(json.dumps(out))
+"""
+
+
+def test_a_denied_tunnel_is_refused_when_asked_for_and_non_http_ends_at_once(ex: Executor) -> None:
+    r = ex.execute(REFUSALS_PY, language="python", timeout=30, network={"mode": "proxy", "allow": [PLAIN_HOST]})
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    # Refused at CONNECT, with the policy's reason in the exception (not a tunnel that hangs).
+    assert "403" in out["denied"] and "denied.example.test:443 is not allowed by the policy" in out["denied"]
+    # Bytes that are neither HTTP nor TLS: the tunnel is closed (EOF), not left to the client's 8 s timeout.
+    assert out["raw"] in ("b''", "ConnectionResetError"), out
+    assert out["denied_s"] < 8 and out["raw_s"] < 8  # bounds, not timings: the old hang hit the 8 s timeout
+    log = [(e.method, e.url, e.decision, e.rule) for e in r.network_log]
+    assert log == [
+        ("CONNECT", "denied.example.test:443", "denied", "default-deny"),
+        ("TCP", "plain.example.test:80", "denied", "not-http"),
+    ]
+
+
+def test_node_gets_the_refusal_reason_at_connect(ex: Executor) -> None:
+    r = ex.execute(
+        "require('https').get('https://denied.example.test/x', () => console.log('reached'))"
+        ".on('error', (e) => console.log(e.code, e.message))",
+        network={"mode": "proxy", "allow": [PLAIN_HOST]},
+    )
+    assert r.stdout.startswith("EEGRESS egress proxy refused denied.example.test:443: HTTP/1.1 403"), r.stdout
+    assert "(denied.example.test:443 is not allowed by the policy)" in r.stdout
+    assert [(e.method, e.decision) for e in r.network_log] == [("CONNECT", "denied")]

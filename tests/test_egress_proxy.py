@@ -4,11 +4,14 @@ hostnames by the host map, real clients (urllib, http.client) on the host."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
+import socket
 import ssl
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,6 +127,12 @@ class Client:
             urllib.request.ProxyHandler({"http": self.proxy_url, "https": self.proxy_url}),
             urllib.request.HTTPSHandler(context=ctx),
         )
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "https":
+            # A tunnel refused at CONNECT: urllib would keep only the status line of the answer.
+            refused = self.connect(parts.hostname or "", parts.port or 443)
+            if refused.status != 200:
+                return refused
         req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
         try:
             with opener.open(req, timeout=20) as resp:
@@ -131,6 +140,24 @@ class Client:
         except urllib.error.HTTPError as exc:
             with exc:
                 return Response(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+    def connect(self, host: str, port: int) -> Response:
+        """The proxy's answer to a CONNECT (200: the tunnel is closed again at once)."""
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        with socket.create_connection(("127.0.0.1", self.env.proxy.port), timeout=20) as sock:
+            target = f"{host}:{port}"
+            auth = f"Proxy-Authorization: Basic {token}\r\n"
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return Response(int(lines[0].split()[1]), fields, rest)
 
     def log(self) -> list[Any]:
         state = self.env.registry.get(self.run_id)
@@ -499,6 +526,8 @@ def test_concurrent_runs_keep_their_own_policy_and_log(env: Env) -> None:
         t.join(60)
     assert results["a"] == [(200, 403)] * 8
     assert results["b"] == [(403, 200)] * 8
-    assert {e.url.rsplit("/", 1)[1] for e in a.log()} == {"a"}
+    # a's HTTPS was refused at CONNECT (logged with the tunnel's host and port), b's HTTP per request.
+    assert [e.url for e in a.log() if e.method == "CONNECT"] == [f"{SECURE_HOST}:443"] * 8
+    assert {e.url.rsplit("/", 1)[1] for e in a.log() if e.method != "CONNECT"} == {"a"}
     assert {e.url.rsplit("/", 1)[1] for e in b.log()} == {"b"}
     assert len(a.log()) == 16 and len(b.log()) == 16

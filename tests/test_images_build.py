@@ -358,4 +358,5 @@ def test_cli_build_shows_steps_and_names_the_log_on_failure(tmp_path: Path) -> N
     assert f"the build failed; its whole output is in {log}" in r.stderr
     text = log.read_text()
     assert "execbox-no-such-package" in text and "Step 1/" in text
-    assert "Step 1/" not in r.stderr
+    # The error on stderr ends with the build's last lines, which say why.
+    assert "Unable to locate package execbox-no-such-package" in r.stderr

@@ -195,6 +195,7 @@ class Egress:
             env=env,
             files=dict(self._files),
             proxy_url=f"http://{self.gateway}:{self.port}",
+            preloads={"python": f"{WORKDIR}/{PYTHON_DIR}", "javascript": f"{WORKDIR}/{NODE_PRELOAD}"},
         )
 
     def log(self, run_id: str) -> list[NetworkLogEntry]:

@@ -101,6 +101,9 @@ class EgressGrant:
     env: dict[str, str]  # proxy settings, CA variables, secret placeholders
     files: dict[str, str] = field(default_factory=dict)  # relative to the working directory, text
     proxy_url: str = ""  # without the credential (for display)
+    # Per language, what the runtime loads before the program (set by env for a runtime started
+    # for the run; a runtime started ahead of the run, in the warm pool, is told to load it).
+    preloads: dict[str, str] = field(default_factory=dict)
 
 
 class NetworkLogEntry(BaseModel):

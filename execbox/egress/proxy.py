@@ -86,7 +86,7 @@ class EgressProxy:
             hooks.OperatorHooks(self.hooks),
             redaction.ResponseHeaderFilter(),
             netlog.NetworkLog(),
-            gate.FailClosedGate(),
+            gate.FailClosedGate(clients),
         ]
 
     def start(self, timeout: float = 20.0) -> int:
@@ -139,7 +139,7 @@ class EgressProxy:
             confdir=str(self.ca_dir),
             connection_strategy="lazy",
             upstream_cert=False,
-            rawtcp=False,
+            rawtcp=True,  # what is neither TLS nor HTTP becomes a TCP flow, which the gate ends
             http3=False,
             ssl_insecure=False,
             ssl_verify_upstream_trusted_ca=str(self.upstream_ca_file) if self.upstream_ca_file else None,

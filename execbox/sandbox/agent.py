@@ -103,12 +103,17 @@ def _safe_path(workdir: str, rel: str) -> str:
     return os.path.join(workdir, *parts)
 
 
-def _write_files(workdir: str, req: dict[str, Any]) -> None:
-    for rel, b64 in (req.get("files") or {}).items():
+def put_files(workdir: str, files: dict[str, str]) -> None:
+    """Write files (path -> base64 content) under workdir (session calls use this too)."""
+    for rel, b64 in files.items():
         path = _safe_path(workdir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as fh:
             fh.write(base64.b64decode(b64))
+
+
+def _write_files(workdir: str, req: dict[str, Any]) -> None:
+    put_files(workdir, req.get("files") or {})
     path = _safe_path(workdir, req["filename"])
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(req["code"])
@@ -138,7 +143,7 @@ def _glob_re(pattern: str) -> Any:
     return re.compile("".join(out) + r"\Z")
 
 
-def _collect(workdir: str, patterns: list[str], cap: int, out: Out) -> bool:
+def collect(workdir: str, patterns: list[str], cap: int, out: Out) -> bool:
     """Send regular files under workdir matching the patterns; True if some were left out.
 
     Symlinks are never followed (neither directories nor files), so nothing
@@ -208,7 +213,7 @@ class Warm:
     def __init__(self, spec: dict[str, Any]) -> None:
         ctrl_r, self.ctrl_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
-        argv = list(spec["argv"]) + [str(ctrl_r), str(ready_w)]
+        argv = list(spec["argv"]) + [str(ctrl_r), str(ready_w)] + list(spec.get("prime") or [])
         self.proc = _spawn(argv, spec["workdir"], spec["env"], pass_fds=(ctrl_r, ready_w))
         os.close(ctrl_r)
         os.close(ready_w)
@@ -221,8 +226,8 @@ class Warm:
         os.close(self.ready_r)
         return ok
 
-    def start(self, filename: str, env: dict[str, str]) -> Any:
-        data = json.dumps({"file": filename, "env": env}).encode()
+    def start(self, filename: str, env: dict[str, str], preload: str | None = None) -> Any:
+        data = json.dumps({"file": filename, "env": env, "preload": preload}).encode()
         view = memoryview(data)
         while view:
             view = view[os.write(self.ctrl_w, view) :]
@@ -253,7 +258,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None, oom_before: int
         oom_before = _oom_kills()
     started = time.monotonic()
     if warm is not None and req.get("warm"):
-        proc = warm.start(req["filename"], env)
+        proc = warm.start(req["filename"], env, req.get("preload"))
     else:
         if warm is not None:
             warm.discard()
@@ -336,7 +341,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None, oom_before: int
     os.close(pidfd)
     signum = -status if status < 0 else None
     exit_code = 128 + signum if signum else status
-    files_truncated = _collect(workdir, req["collect"], cap, out) if req.get("collect") else False
+    files_truncated = collect(workdir, req["collect"], cap, out) if req.get("collect") else False
     result = {
         "exit_code": exit_code,
         "signal": signum,

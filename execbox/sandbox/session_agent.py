@@ -17,7 +17,10 @@ time, for the whole life of a session:
 3. it answers each request on the connection it came from, with ``agent.py``'s frames:
    ``O``/``E`` output of this call only, then ``R`` (JSON) or ``X`` (agent error).
 
-Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes"} and {"op": "ping"}.
+Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes", "files", "collect"} and
+{"op": "ping"}. ``files`` (path -> base64) are written under the working directory before
+the code runs; files matching ``collect`` are sent as ``F`` frames after it, before ``R``
+(as ``agent.py`` does for a run). Without ``code`` a call only writes and collects files.
 
 REPL calls: the code goes to the worker over a pipe; the worker runs it in its
 persistent namespace and reports the call's status on another pipe. At the timeout
@@ -259,6 +262,18 @@ class Session:
 
     def call(self, req: dict[str, Any], conn: Conn) -> None:
         self.calls += 1
+        files, patterns = req.get("files") or {}, req.get("collect") or []
+        try:
+            agent.put_files(self.workdir, files)
+        except (OSError, ValueError) as exc:
+            # Nothing ran: the host reports it as a bad ``files`` value, the session lives on.
+            conn.reply({"files_error": f"{type(exc).__name__}: {exc}"})
+            return
+        if req.get("code") is None:  # files in and/or out, no program
+            cap = int(req.get("output_bytes", 1 << 20))
+            left_out = agent.collect(self.workdir, patterns, cap, conn) if patterns else False
+            conn.reply({"exit_code": 0, "signal": None, "duration_ms": 0.0, "files_truncated": left_out})
+            return
         if not self.repl:
             run_req = {
                 "argv": self.run_spec["argv"],
@@ -268,8 +283,9 @@ class Session:
                 "workdir": self.workdir,
                 "timeout": req.get("timeout", 10.0),
                 "output_bytes": req.get("output_bytes", 1 << 20),
+                "collect": patterns,
             }
-            agent.run(run_req, conn)  # Conn has the send() of agent.Out
+            agent.run(run_req, conn)  # Conn has the send() of agent.Out; files are written above
             return
         self._repl_call(req, conn)
 
@@ -384,6 +400,8 @@ class Session:
             "reset": reset,
             "reset_before": reset_before,
         }
+        patterns = req.get("collect") or []
+        result["files_truncated"] = agent.collect(self.workdir, patterns, cap, conn) if patterns else False
         conn.reply(result)
         if self.worker is None:
             # Ready for the next call; the host has its answer already.

@@ -16,6 +16,11 @@ require('./warm_prime.js');
 
 const ctrl = Number(process.argv[2]);
 const ready = Number(process.argv[3]);
+// Modules to load ahead (a sandbox on an egress network); "fetch" loads the fetch implementation.
+for (const name of process.argv.slice(4)) {
+  if (name === 'fetch') void globalThis.fetch;
+  else require(name);
+}
 fs.writeSync(ready, 'R');
 fs.closeSync(ready);
 const chunks = [];
@@ -35,6 +40,8 @@ fs.closeSync(ctrl);
 const msg = JSON.parse(Buffer.concat(chunks).toString('utf8'));
 for (const key of Object.keys(process.env)) delete process.env[key];
 Object.assign(process.env, msg.env);
+// What NODE_OPTIONS=--require <preload> would have done at start-up (the egress preload).
+if (msg.preload) require(path.resolve(msg.preload));
 process.argv = [process.argv[0], path.resolve(msg.file)];
 // From a fresh tick, so that no frame of this bootstrap is on the program's stack.
 setImmediate(Module.runMain);

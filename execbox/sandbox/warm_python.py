@@ -30,6 +30,8 @@ def _main() -> None:
         compile(fh.read(), "<execbox-warm>", "exec")
 
     ctrl, ready = int(sys.argv[1]), int(sys.argv[2])
+    for name in sys.argv[3:]:  # modules to load ahead (a sandbox on an egress network)
+        __import__(name)
     os.write(ready, b"R")
     os.close(ready)
     chunks = []
@@ -42,6 +44,8 @@ def _main() -> None:
     msg = json.loads(b"".join(chunks))
     os.environ.clear()
     os.environ.update(msg["env"])
+    if msg.get("preload"):
+        _preload(msg["preload"])
     path = os.path.abspath(msg["file"])
     sys.argv = [msg["file"]]
     sys.path[0] = os.path.dirname(path)
@@ -63,6 +67,16 @@ def _main() -> None:
         sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
     _finish(main, status)
+
+
+def _preload(directory: str) -> None:
+    """What PYTHONPATH=directory would have done at start-up: on sys.path, and its
+    sitecustomize run (the egress preload: proxy tunnelling for socket clients)."""
+    sys.path.insert(1, directory)
+    path = os.path.join(directory, "sitecustomize.py")
+    if os.path.exists(path):
+        with open(path, "rb") as fh:
+            exec(compile(fh.read(), path, "exec"), {"__name__": "sitecustomize", "__file__": path})
 
 
 def _exit_status(code: object) -> int:

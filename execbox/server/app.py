@@ -26,6 +26,7 @@ from ..state import open_store
 from .auth import Authenticator
 from .errors import install_error_handlers
 from .logging import configure_logging
+from .mcp import mcp_route
 from .metrics import Metrics
 from .middleware import Guard
 from .routes import execute, executions, health, sessions, users
@@ -124,6 +125,7 @@ def create_app(
     metrics = Metrics()
     service = ExecutionService(settings, metrics)
     service.tenants = auth.tenant
+    mcp_route_, mcp_manager = mcp_route(service, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -173,7 +175,8 @@ def create_app(
 
         reaper_task = asyncio.get_running_loop().create_task(reaper())
         try:
-            yield
+            async with mcp_manager:
+                yield
         finally:
             reaper_task.cancel()
             await service.shutdown(settings.shutdown_grace)
@@ -196,6 +199,7 @@ def create_app(
     app.include_router(sessions.router)
     app.include_router(health.router)
     app.include_router(users.router)
+    app.router.routes.append(mcp_route_)  # the MCP tools, over streamable HTTP
     app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -26,7 +26,7 @@ TENANT_SCOPE_KEY = "execbox.tenant"
 
 
 def needs_auth(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/execute"
+    return path.startswith("/v1/") or path in ("/execute", "/mcp") or path.startswith("/mcp/")
 
 
 class Guard:

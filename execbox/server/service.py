@@ -87,6 +87,15 @@ class ExecutionService:
             ("ready", "Pooled sandboxes ready now."),
         ):
             metrics.gauge(f"execbox_pool_{field}", help_, functools.partial(self._pool_stat, field))
+        for field, help_ in (
+            ("live", "Live sessions in the registry (every replica's)."),
+            ("creating", "Sessions whose container is being created."),
+            ("attached", "Sessions this process holds a connection to."),
+            ("created", "Sessions this process created (since start)."),
+            ("ended", "Sessions this process ended: deleted, idle, expired or dead (since start)."),
+        ):
+            metrics.gauge(f"execbox_sessions_{field}", help_, functools.partial(self._session_stat, field))
+        self._session_stats: tuple[float, dict[str, int]] = (0.0, {})
 
     def _job_backend(self) -> JobBackend:
         s = self.settings
@@ -117,6 +126,15 @@ class ExecutionService:
     def _pool_stat(self, field: str) -> float:
         stats = self.executor.pool_stats() if self.executor is not None else None
         return float(getattr(stats, field)) if stats is not None else 0.0
+
+    def _session_stat(self, field: str) -> float:
+        if self.sessions is None:
+            return 0.0
+        at, stats = self._session_stats
+        if time.monotonic() - at > 1.0:  # one registry scan per scrape, not one per gauge
+            stats = self.sessions.stats()
+            self._session_stats = (time.monotonic(), stats)
+        return float(stats.get(field, 0))
 
     def prepare(self, tenant: Tenant, request: ExecutionRequest) -> ExecutionRequest:
         """The request as it will run: checked against the tenant's policy, limits fully resolved."""

@@ -1,4 +1,10 @@
-"""The network log of each run: one entry per request, with redacted headers, no secret values."""
+"""The network log of each run: one entry per request, with redacted headers, no secret values.
+
+A WebSocket (after a handshake the policy allowed, logged as its own request with
+status 101) gets a second entry when it ends: method ``WEBSOCKET``, the messages'
+bytes in each direction (``request_bytes``: sandbox to server), how long it was open
+and how it closed. Messages are counted as they pass and not kept.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,17 @@ from .redaction import redact
 
 __all__ = ["NetworkLog"]
 
+WS_SENT = "execbox.ws.sent"
+WS_RECEIVED = "execbox.ws.received"
+WS_MESSAGES = "execbox.ws.messages"
+
 
 def _scrubbed(run: RunState, headers: dict[str, str]) -> dict[str, str]:
     return {k: run.scrub(v) for k, v in headers.items()}
+
+
+def _url(req: Any) -> str:
+    return f"{req.host}:{req.port}" if req.method == "CONNECT" else str(req.pretty_url)
 
 
 class NetworkLog:
@@ -46,7 +60,7 @@ class NetworkLog:
             NetworkLogEntry(
                 time=started,
                 method=req.method,
-                url=run.scrub(str(flow.metadata.get(URL) or req.pretty_url)),
+                url=run.scrub(str(flow.metadata.get(URL) or _url(req))),
                 status=resp.status_code if resp is not None else None,
                 request_bytes=len(req.raw_content or b""),
                 response_bytes=len(resp.raw_content or b"") if resp is not None else 0,
@@ -63,6 +77,53 @@ class NetworkLog:
     @fail_closed("response")
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        ws = flow.websocket
+        if ws is None or not ws.messages:
+            return
+        message = ws.messages[-1]
+        key = WS_SENT if message.from_client else WS_RECEIVED
+        flow.metadata[key] = int(flow.metadata.get(key, 0)) + len(message.content)
+        flow.metadata[WS_MESSAGES] = int(flow.metadata.get(WS_MESSAGES, 0)) + 1
+        del ws.messages[:-1]  # counted: a long-lived socket must not pile its messages up here
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._record_websocket(flow)
+        except Exception:  # the socket is over; only its log entry is lost
+            pass
+
+    def _record_websocket(self, flow: http.HTTPFlow) -> None:
+        run = run_of(flow)
+        ws = flow.websocket
+        if run is None or ws is None:
+            return
+        started = flow.response.timestamp_end if flow.response is not None and flow.response.timestamp_end else None
+        started = started or time.time()
+        closed = f"closed by the {'client' if ws.closed_by_client else 'server'}: {ws.close_code} {ws.close_reason}"
+        run.record(
+            NetworkLogEntry(
+                time=started,
+                method="WEBSOCKET",
+                url=run.scrub(str(flow.metadata.get(URL) or flow.request.pretty_url)),
+                status=101,
+                request_bytes=int(flow.metadata.get(WS_SENT, 0)),
+                response_bytes=int(flow.metadata.get(WS_RECEIVED, 0)),
+                duration_ms=round(max(time.time() - started, 0.0) * 1000, 3),
+                decision="allowed",
+                rule=run.scrub(str(flow.metadata.get(RULE, ""))),
+                reason=run.scrub(f"{flow.metadata.get(WS_MESSAGES, 0)} messages; {closed.strip()}"),
+            )
+        )
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # A tunnel refused when it was asked for (its requests never happen): log the CONNECT.
+        if flow.response is not None and flow.metadata.get(DECISION) == "denied":
+            try:
+                self._record(flow)
+            except Exception:  # the refusal stands; only its log entry is lost
+                pass
 
     def error(self, flow: http.HTTPFlow) -> None:
         try:

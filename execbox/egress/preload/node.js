@@ -12,6 +12,21 @@
   try { proxy = new URL(proxyUrl); } catch (e) { return; }
   const net = require('net');
   const tls = require('tls');
+  // NODE_EXTRA_CA_CERTS is read when node starts, and a runtime started before the run
+  // (the warm pool) started without it: trust the proxy's CA in every TLS context made
+  // from now on (a certificate already in the store is not added twice).
+  if (env.NODE_EXTRA_CA_CERTS) {
+    let pem = null;
+    try { pem = require('fs').readFileSync(env.NODE_EXTRA_CA_CERTS, 'utf8'); } catch (e) { pem = null; }
+    if (pem) {
+      const createSecureContext = tls.createSecureContext;
+      tls.createSecureContext = function (options) {
+        const ctx = createSecureContext.call(this, options);
+        ctx.context.addCACert(pem);
+        return ctx;
+      };
+    }
+  }
   const http = require('http');
   const https = require('https');
   const proxyHost = proxy.hostname.replace(/^\[|\]$/g, '');

@@ -1,5 +1,6 @@
 """Persistent sessions: ``/v1/sessions`` (create, list), ``/v1/sessions/{id}`` (get, delete),
-``/v1/sessions/{id}/execute``. The logic lives in ``execbox.sessions.Sessions``."""
+``/v1/sessions/{id}/execute`` (JSON or server-sent events). The tenant's policy is applied by
+``TenantSessions`` (shared with the MCP tools), the logic lives in ``execbox.sessions.Sessions``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-import anyio.to_thread
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
-from ...exceptions import InvalidRequestError, SessionBusyError, SessionLimitError, SessionNotFoundError
-from ...models import ExecutionRequest
-from ...runtimes import get_runtime
+from ...exceptions import SessionBusyError, SessionLimitError, SessionNotFoundError
+from ...executor import OutputCallback
 from ...sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionList, SessionResult
 from ..deps import ServiceDep, SessionsDep, TenantDep
 from ..errors import ERROR_RESPONSES, ApiError
 from ..schemas import ErrorResponse
+from ..sse import SSE_SCHEMA, sse_doc, stream_events, wants_stream
+from ..tenant_sessions import TenantSessions
 
 __all__ = ["router"]
 
@@ -61,29 +62,8 @@ def _mapped() -> Iterator[None]:
 async def create_session(
     body: SessionCreateRequest, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
 ) -> SessionInfo:
-    runtime = get_runtime(body.language)
-    if runtime.name not in tenant.policy.languages:
-        raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
-    if body.image is not None and not tenant.image_allowed(body.image, service.ex.image):
-        raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
-    # The service's defaults capped at the tenant's maximum, then the request's (checked against it).
-    limits = service.resolve_limits(tenant, ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None))
-
-    def create() -> SessionInfo:
-        return sessions.create(
-            body.user_id,
-            runtime.name,
-            image=body.image,
-            limits=limits,
-            network=body.network,
-            idle_timeout=body.idle_timeout,
-            max_lifetime=body.max_lifetime,
-            tenant=tenant.name,
-            repl=body.repl,
-        )
-
     with _mapped():
-        return await anyio.to_thread.run_sync(create)
+        return await TenantSessions(service, sessions, tenant).create(body)
 
 
 @router.get(
@@ -92,9 +72,8 @@ async def create_session(
     summary="The tenant's live sessions",
     responses={401: ERROR_RESPONSES[401]},
 )
-async def list_sessions(tenant: TenantDep, sessions: SessionsDep) -> SessionList:
-    found = await anyio.to_thread.run_sync(lambda: sessions.list(tenant.name))
-    return SessionList(sessions=found)
+async def list_sessions(tenant: TenantDep, service: ServiceDep, sessions: SessionsDep) -> SessionList:
+    return SessionList(sessions=await TenantSessions(service, sessions, tenant).list())
 
 
 @router.get(
@@ -104,20 +83,25 @@ async def list_sessions(tenant: TenantDep, sessions: SessionsDep) -> SessionList
     description="Another tenant's session answers 404, exactly like an unknown id.",
     responses=_RESPONSES,
 )
-async def get_session(session_id: SessionId, tenant: TenantDep, sessions: SessionsDep) -> SessionInfo:
+async def get_session(
+    session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
+) -> SessionInfo:
     with _mapped():
-        return await anyio.to_thread.run_sync(lambda: sessions.get(session_id, tenant=tenant.name))
+        return await TenantSessions(service, sessions, tenant).get(session_id)
 
 
 @router.post(
     "/v1/sessions/{session_id}/execute",
     response_model=SessionResult,
-    summary="Run code in a session",
-    description="Runs in the session's container; stdout and stderr are this call's only. At `timeout` the "
-    "call is interrupted (the session and, where the runtime allows, its variables survive: see `repl_reset`). "
-    "Counts against the tenant's execution quotas like any execution.",
+    summary="Run code in a session (or move files in and out)",
+    description="Runs in the session's container; stdout and stderr are this call's only. `files` are written "
+    "into /work before the code runs (they stay); files matching `collect` come back in `files`; without `code` "
+    "the call only moves files. At `timeout` the call is interrupted (the session and, where the runtime allows, "
+    "its variables survive: see `repl_reset`). Counts against the tenant's execution quotas like any execution. "
+    + sse_doc("the code"),
     responses={
         **_RESPONSES,
+        200: {"content": {"text/event-stream": {"schema": SSE_SCHEMA}}, "description": "The result."},
         409: {"model": ErrorResponse, "description": "Another call kept the session busy for too long."},
         413: ERROR_RESPONSES[413],
         429: ERROR_RESPONSES[429],
@@ -127,23 +111,24 @@ async def get_session(session_id: SessionId, tenant: TenantDep, sessions: Sessio
 async def execute_in_session(
     session_id: SessionId,
     body: SessionExecuteRequest,
+    request: Request,
     tenant: TenantDep,
     service: ServiceDep,
     sessions: SessionsDep,
-) -> SessionResult:
-    if len(body.code.encode()) > service.settings.max_code_bytes:
-        raise ApiError(413, "payload_too_large", f"larger than {service.settings.max_code_bytes} bytes", field="code")
-    if body.timeout is not None and body.timeout > tenant.max_limits.timeout:
-        cap = tenant.max_limits.timeout
-        raise InvalidRequestError("timeout", f"{body.timeout} exceeds this tenant's maximum {cap}")
-    admission = await service.admit(tenant)
+    stream: Annotated[bool, Query(description="Stream server-sent events (as Accept: text/event-stream).")] = False,
+) -> Any:
+    mine = TenantSessions(service, sessions, tenant)
+    admission = await mine.admit(body)
+    if wants_stream(stream, request.headers.get("accept")):
+
+        async def work(on_output: OutputCallback) -> SessionResult:
+            with _mapped():
+                return await mine.run_admitted(session_id, body, on_output)
+
+        return stream_events(service, work, admission.release)
     try:
-
-        def run() -> SessionResult:
-            return sessions.execute(session_id, body.code, body.env, body.timeout, tenant=tenant.name)
-
         with _mapped():
-            return await anyio.to_thread.run_sync(run)
+            return await mine.run_admitted(session_id, body)
     finally:
         admission.release()
 
@@ -156,7 +141,9 @@ async def execute_in_session(
     description="Its container is removed with everything in it; a call running in it ends too.",
     responses=_RESPONSES,
 )
-async def delete_session(session_id: SessionId, tenant: TenantDep, sessions: SessionsDep) -> Response:
+async def delete_session(
+    session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
+) -> Response:
     with _mapped():
-        await anyio.to_thread.run_sync(lambda: sessions.delete(session_id, tenant=tenant.name))
+        await TenantSessions(service, sessions, tenant).delete(session_id)
     return Response(status_code=204)

@@ -1,0 +1,131 @@
+"""The MCP tools at ``/mcp`` (streamable HTTP), served by ``execbox serve``.
+
+The ``Guard`` authenticates every request to ``/mcp`` with the tenant's bearer key, as for
+``/v1/...``; each tool call then goes through the same policy and admission as the API
+(``ExecutionService.prepare``/``admit``/``run`` for runs, ``TenantSessions`` for sessions),
+so it counts against the tenant's quotas and shows in the same metrics. The transport is
+stateless: an API replica keeps nothing an MCP client needs after it dies.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import pydantic
+from starlette.routing import Route
+
+from ..client import error_from
+from ..exceptions import AuthenticationError, ExecboxError, NotFoundError
+from ..mcp.backend import McpBackend
+from ..mcp.tools import build_server
+from ..models import ExecutionRequest, ExecutionResult
+from ..sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionResult
+from ..settings import Settings
+from .auth import Tenant
+from .errors import ApiError, invalid_from
+from .middleware import TENANT_SCOPE_KEY
+from .service import ExecutionService
+from .tenant_sessions import TenantSessions
+
+__all__ = ["MCP_PATH", "ServiceBackend", "mcp_route"]
+
+MCP_PATH = "/mcp"
+
+
+def _library_error(service: ExecutionService, exc: ApiError) -> ExecboxError:
+    """An API error as the exception the client would raise; counted as a rejection, as the API counts it."""
+    service.metrics.rejected(exc.reason)
+    return error_from(exc.status, exc.type, exc.message, exc.field, exc.retry_after)
+
+
+class ServiceBackend(McpBackend):
+    """One tool call's view of the service, as ``tenant``."""
+
+    def __init__(self, service: ExecutionService, tenant: Tenant) -> None:
+        self.service, self.tenant = service, tenant
+
+    def _sessions(self) -> TenantSessions:
+        if self.service.sessions is None:
+            raise NotFoundError("sessions are disabled on this server", 404)
+        return TenantSessions(self.service, self.service.sessions, self.tenant)
+
+    async def run(
+        self,
+        code: str,
+        language: str,
+        *,
+        env: dict[str, str],
+        timeout: float | None,
+        files: dict[str, bytes],
+        collect: list[str],
+        image: str | None,
+    ) -> ExecutionResult:
+        fields: dict[str, Any] = {"code": code, "language": language, "env": env, "files": files, "collect": collect}
+        fields |= {k: v for k, v in {"timeout": timeout, "image": image}.items() if v is not None}
+        try:
+            request = ExecutionRequest.model_validate(fields)
+        except pydantic.ValidationError as exc:
+            raise invalid_from(exc) from None
+        try:
+            prepared = self.service.prepare(self.tenant, request)
+            admission = await self.service.admit(self.tenant)
+            try:
+                return await self.service.run(self.tenant, prepared)
+            finally:
+                admission.release()
+        except ApiError as exc:
+            raise _library_error(self.service, exc) from None
+
+    async def create_session(self, language: str, image: str | None) -> SessionInfo:
+        try:
+            body = SessionCreateRequest(user_id=self.user_id, language=language, image=image)
+        except pydantic.ValidationError as exc:
+            raise invalid_from(exc) from None
+        try:
+            return await self._sessions().create(body)
+        except ApiError as exc:
+            raise _library_error(self.service, exc) from None
+
+    async def session_call(
+        self,
+        session_id: str,
+        code: str | None,
+        *,
+        timeout: float | None = None,
+        files: dict[str, bytes] | None = None,
+        collect: list[str] | None = None,
+    ) -> SessionResult:
+        fields = {"code": code, "timeout": timeout, "files": files or {}, "collect": collect or []}
+        try:
+            body = SessionExecuteRequest.model_validate(fields)
+        except pydantic.ValidationError as exc:
+            raise invalid_from(exc) from None
+        try:
+            return await self._sessions().execute(session_id, body)
+        except ApiError as exc:
+            raise _library_error(self.service, exc) from None
+
+    async def close_session(self, session_id: str) -> None:
+        await self._sessions().delete(session_id)
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        return await self._sessions().list()
+
+
+def mcp_route(service: ExecutionService, settings: Settings) -> tuple[Route, AbstractAsyncContextManager[Any]]:
+    """The ``/mcp`` route and the context manager that runs its session manager (enter it in the lifespan)."""
+    from mcp.server.fastmcp.server import StreamableHTTPASGIApp
+
+    async def backend_for(ctx: Any) -> McpBackend:
+        request = ctx.request_context.request
+        tenant = request.scope.get(TENANT_SCOPE_KEY) if request is not None else None
+        if not isinstance(tenant, Tenant):  # the Guard authenticates /mcp: never without a tenant
+            raise AuthenticationError("missing or unknown API key", 401)
+        return ServiceBackend(service, tenant)
+
+    # host: FastMCP turns on its DNS-rebinding protection (Host/Origin checks) for loopback binds.
+    server = build_server(backend_for, host=settings.host, stateless_http=True, log_level="WARNING")
+    server.streamable_http_app()  # creates the session manager
+    manager = server.session_manager
+    return Route(MCP_PATH, endpoint=StreamableHTTPASGIApp(manager)), manager.run()
