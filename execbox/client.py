@@ -258,12 +258,18 @@ class Client(SessionsMixin, _Base):
         *,
         language: str = "javascript",
         callback_url: str | None = None,
+        retries: int = 0,
         **fields: Any,
     ) -> str:
-        """Start an execution in the background; return its id (see ``wait``/``get``)."""
+        """Start an execution in the background; return its id (see ``wait``/``get``).
+
+        ``retries``: times it may be started again if the server running it dies mid-run (default never).
+        """
         body = _request(code, env, language, fields)
         if callback_url is not None:
             body["callback_url"] = callback_url
+        if retries:
+            body["retries"] = retries
         return Submitted.model_validate(self._send("POST", "/v1/executions", None, json=body).json()).id
 
     def get(self, execution_id: str, wait: float = 0) -> ExecutionJob:
@@ -378,11 +384,14 @@ class AsyncClient(AsyncSessionsMixin, _Base):
         *,
         language: str = "javascript",
         callback_url: str | None = None,
+        retries: int = 0,
         **fields: Any,
     ) -> str:
         body = _request(code, env, language, fields)
         if callback_url is not None:
             body["callback_url"] = callback_url
+        if retries:
+            body["retries"] = retries
         response = await self._send("POST", "/v1/executions", None, json=body)
         return Submitted.model_validate(response.json()).id
 

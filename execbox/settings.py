@@ -56,12 +56,30 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
     retry_after: int = Field(2, ge=1, description="Retry-After (s) sent with 503 answers.")
 
+    queue_url: str | None = Field(
+        None,
+        description="Redis (redis://...) holding async jobs, their queue and webhooks, shared by every replica;"
+        " default: state_url when it is a Redis URL, else jobs live in this process (one replica only).",
+    )
     job_ttl: float = Field(3600.0, gt=0, description="Seconds a finished async execution's result is kept.")
-    max_jobs: int = Field(10_000, ge=1, description="Async executions kept at once (queued, running or finished).")
-    max_pending_jobs_per_tenant: int = Field(100, ge=1, description="Queued or running async executions per tenant.")
+    max_jobs: int = Field(
+        10_000, ge=1, description="Async executions kept at once: any status (embedded), unfinished (Redis queue)."
+    )
+    max_pending_jobs_per_tenant: int = Field(
+        100, ge=1, description="Queued or running async executions per tenant (across replicas with a Redis queue)."
+    )
+    job_heartbeat_ttl: float = Field(
+        10.0,
+        gt=0,
+        description="A replica whose heartbeat key is this many seconds old is dead: others take its queued jobs"
+        " and fail (or, with retries, restart) its running ones.",
+    )
 
     webhook_timeout: float = Field(10.0, gt=0, description="Timeout of one webhook delivery attempt.")
-    webhook_attempts: int = Field(3, ge=1, description="Delivery attempts of a webhook before giving up.")
+    webhook_attempts: int = Field(5, ge=1, description="Delivery attempts of a webhook before giving up.")
+    webhook_backoff: float = Field(
+        1.0, gt=0, description="Seconds before the second attempt; each later wait is 4 times the previous one."
+    )
     allow_private_callbacks: bool = Field(
         False,
         description="Allow callback URLs that resolve to loopback, private or link-local addresses "
@@ -94,6 +112,14 @@ class Settings(BaseSettings):
     def session_store(self) -> str:
         """The URL of the session registry: ``session_store_url``, else ``state_url``, else SQLite in data_dir."""
         return self.session_store_url or self.state_store()
+
+    def job_queue(self) -> str | None:
+        """The Redis of shared async jobs: ``queue_url``, else ``state_url`` if it is Redis, else None (embedded)."""
+        if self.queue_url is not None:
+            return self.queue_url
+        if self.state_url is not None and self.state_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.state_url
+        return None
 
     def state_store(self) -> str:
         """The URL of the state store: ``state_url``, else SQLite in data_dir (the embedded default)."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -134,20 +138,27 @@ def metric(text: str, name: str) -> float:
 
 
 class Receiver:
-    """An HTTP server of the test's own on 127.0.0.1 that records POSTs (webhook target)."""
+    """An HTTP server of the test's own on 127.0.0.1 that records POSTs (webhook target).
 
-    def __init__(self, status: int = 200) -> None:
+    ``status`` is the answer to every POST, or the answers in turn (the last one repeats).
+    """
+
+    def __init__(self, status: int | list[int] = 200) -> None:
         received: list[tuple[dict[str, str], bytes]] = []
         self.received = received
+        times: list[float] = []
+        self.times = times  # time.monotonic() of each POST
         self.event = threading.Event()
         event = self.event
+        answers = [status] if isinstance(status, int) else list(status)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
+                times.append(time.monotonic())
                 received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(status)
+                self.send_response(answers.pop(0) if len(answers) > 1 else answers[0])
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 event.set()
@@ -170,3 +181,67 @@ class Receiver:
 
     def json(self, i: int = 0) -> Any:
         return json.loads(self.received[i][1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServeProcess:
+    """``execbox serve`` as a real process on a free loopback port, with its own ``EXECBOX_*`` environment.
+
+    Without a tenants file it serves with ``--no-auth``.
+    """
+
+    def __init__(self, directory: Path, name: str, tenants: Path | None, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / f"{name}.log"
+        data = directory / f"{name}-data"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("EXECBOX_")}
+        environ |= {"EXECBOX_DATA_DIR": str(data), "EXECBOX_SESSIONS": "false", "EXECBOX_LOG_LEVEL": "info"}
+        environ |= env
+        auth = ["--tenants", str(tenants)] if tenants is not None else ["--no-auth"]
+        with self.log.open("wb") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "execbox.cli", "serve", "--port", str(self.port), *auth],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=environ,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ready(self, limit: float = 90.0) -> ServeProcess:
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", trust_env=False).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"execbox serve did not become ready:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.1)
+
+    def client(self, key: str | None = KEY_A) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=90, trust_env=False)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)

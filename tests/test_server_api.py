@@ -259,6 +259,7 @@ def test_async_execution_result_and_signed_webhook(server: LiveServer) -> None:
         headers, raw = hook.received[0]
         expected = "sha256=" + hmac.new(SECRET_A.encode(), raw, hashlib.sha256).hexdigest()
         assert hmac.compare_digest(headers["x-execbox-signature"], expected)
+        assert headers["x-execbox-delivery"] == job_id  # receivers de-duplicate on it
         assert headers["x-execbox-signature"] != "sha256=" + hmac.new(b"wrong", raw, hashlib.sha256).hexdigest()
         assert hook.json()["id"] == job_id and hook.json()["result"]["stdout"] == "42\n"
         wait_for(lambda: c.get(f"/v1/executions/{job_id}").json()["callback_status"] == "delivered", "delivery")

@@ -124,6 +124,7 @@ def create_app(
     auth = Authenticator.build(max_limits, settings.tenants_file, settings.api_keys, settings.no_auth)
     metrics = Metrics()
     service = ExecutionService(settings, metrics)
+    service.tenants = auth.tenant
     mcp_route_, mcp_manager = mcp_route(service, settings)
 
     @asynccontextmanager
@@ -159,6 +160,7 @@ def create_app(
         elif settings.sessions:
             ex = service.ex
             service.sessions = await anyio.to_thread.run_sync(lambda: _sessions(settings, ex))
+        await service.jobs.start()
         log.info("execbox service ready", extra={"in_flight": 0})
 
         async def reaper() -> None:

@@ -198,6 +198,12 @@ class Authenticator:
         anonymous = Tenant(ANONYMOUS, TenantPolicy(max_concurrent=1 << 20, executions_per_minute=1 << 30), service_max)
         return cls(tenants, anonymous if no_auth else None)
 
+    def tenant(self, name: str) -> Tenant | None:
+        """The tenant called ``name`` (jobs carry only the name from replica to replica)."""
+        if self.anonymous is not None and name == self.anonymous.name:
+            return self.anonymous
+        return self.tenants.get(name)
+
     def authenticate(self, authorization: str | None) -> Tenant | None:
         """The tenant of an ``Authorization: Bearer <key>`` header, or None."""
         if self.anonymous is not None:

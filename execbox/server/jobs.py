@@ -1,40 +1,96 @@
-"""Async executions (jobs): a bounded, expiring, tenant-namespaced store, and signed webhooks.
+"""Async executions (jobs): the backend interface, and the embedded one (this process's memory).
 
 A job is visible only to its tenant: looking up another tenant's id answers
 exactly like an unknown id. Finished jobs are forgotten ``ttl`` seconds after
-they finish. Webhooks are POSTed with ``X-Execbox-Signature: sha256=<hex>``, the
-HMAC-SHA256 of the raw body under the tenant's webhook secret.
+they finish.
 
-Callback URLs are checked against SSRF: the host is resolved once, every address
-must be a public one (unless ``allow_private``), and the delivery connects to
-that very address (so a DNS answer cannot change between check and use).
+Two backends: ``LocalJobs`` (one process, no Redis: jobs run as tasks of this
+process and end with it) and ``RedisJobs`` (``redisjobs.py``: records and queues
+in Redis, shared by every replica). Both run a job through the service's
+``Runner``, which calls ``on_start`` once the job holds its execution slots, just
+before the code starts: that is when a job becomes ``running``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
-import socket
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
-from ..exceptions import InvalidRequestError
 from ..models import ExecutionRequest, ExecutionResult
-from .auth import sign
 from .schemas import ErrorBody, ExecutionJob, JobStatus
+from .webhooks import WebhookSender, check_callback_url, resolve_callback
 
-__all__ = ["Job", "JobStore", "WebhookSender", "check_callback_url", "resolve_callback"]
+__all__ = [
+    "Job",
+    "JobBackend",
+    "JobLimit",
+    "JobStore",
+    "LocalJobs",
+    "Outcome",
+    "Runner",
+    "check_callback_url",
+    "new_job_id",
+    "resolve_callback",
+]
 
 log = logging.getLogger("execbox.server.jobs")
 
-SIGNATURE_HEADER = "X-Execbox-Signature"
+Outcome = tuple[ExecutionResult | None, ErrorBody | None]
+Runner = Callable[[str, ExecutionRequest, Callable[[], Awaitable[None]]], Awaitable[Outcome]]
+"""``run(tenant name, request, on_start)``: the result or the error it failed with."""
+SecretOf = Callable[[str], str | None]
+"""The webhook secret of a tenant (by name), if it has one."""
+
+SHUTDOWN_ERROR = ErrorBody(type="shutting_down", message="the server shut down before the execution ran")
+
+
+class JobLimit(Exception):
+    """A job was refused: ``pending_jobs`` (the tenant's unfinished jobs) or ``jobs_full`` (all jobs)."""
+
+    def __init__(self, reason: Literal["pending_jobs", "jobs_full"]) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def new_job_id() -> str:
+    return "ex_" + secrets.token_urlsafe(18)
+
+
+class JobBackend(ABC):
+    """Where async jobs live and who runs them."""
+
+    def __init__(self, run: Runner, secret_of: SecretOf, webhooks: WebhookSender, ttl: float) -> None:
+        self.run, self.secret_of, self.webhooks, self.ttl = run, secret_of, webhooks, ttl
+
+    async def start(self) -> None:  # noqa: B027 - optional
+        """Begin taking work (called once the service is ready)."""
+
+    @abstractmethod
+    async def submit(
+        self, tenant: str, request: ExecutionRequest, callback_url: str | None, retries: int, max_pending: int
+    ) -> str:
+        """Accept a job (its id), or raise JobLimit."""
+
+    @abstractmethod
+    async def get(self, tenant: str, job_id: str) -> ExecutionJob | None: ...
+
+    @abstractmethod
+    async def wait(self, tenant: str, job_id: str, timeout: float) -> ExecutionJob | None:
+        """The job once finished, or as it is after ``timeout`` seconds; None if unknown."""
+
+    @abstractmethod
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking work; let running jobs finish within ``grace`` seconds."""
+
+    @abstractmethod
+    def stored(self) -> int:
+        """Jobs held (for the metrics gauge)."""
 
 
 @dataclass
@@ -44,12 +100,14 @@ class Job:
     request: ExecutionRequest
     created_at: float
     callback_url: str | None = None
+    retries: int = 0
     status: JobStatus = "queued"
     started_at: float | None = None
     finished_at: float | None = None
     result: ExecutionResult | None = None
     error: ErrorBody | None = None
     callback_status: Literal["pending", "delivered", "failed"] | None = None
+    callback_attempts: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def view(self, ttl: float) -> ExecutionJob:
@@ -65,11 +123,14 @@ class Job:
             error=self.error,
             callback_url=self.callback_url,
             callback_status=self.callback_status,
+            callback_attempts=self.callback_attempts,
+            attempts=0 if self.started_at is None else 1,
+            retries=self.retries,
         )
 
 
 class JobStore:
-    """Jobs by (tenant, id); bounded in number, finished ones expire."""
+    """Jobs by (tenant, id) in memory; bounded in number, finished ones expire."""
 
     def __init__(self, ttl: float, max_jobs: int, clock: Callable[[], float] = time.time) -> None:
         self.ttl, self.max_jobs, self.clock = ttl, max_jobs, clock
@@ -79,7 +140,7 @@ class JobStore:
         return len(self._jobs)
 
     def new_id(self) -> str:
-        return "ex_" + secrets.token_urlsafe(18)
+        return new_job_id()
 
     def has_room(self) -> bool:
         self.purge()
@@ -95,9 +156,6 @@ class JobStore:
             return None
         return job
 
-    def unfinished(self) -> list[Job]:
-        return [j for j in self._jobs.values() if j.finished_at is None]
-
     def pending(self, tenant: str) -> int:
         return sum(1 for (t, _), j in self._jobs.items() if t == tenant and j.finished_at is None)
 
@@ -112,100 +170,76 @@ class JobStore:
         return job.finished_at is not None and job.finished_at + self.ttl <= now
 
 
-def check_callback_url(url: str) -> tuple[str, str, int]:
-    """Syntax check of a callback URL; returns (scheme, host, port) or raises InvalidRequestError."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidRequestError("callback_url", f"not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise InvalidRequestError("callback_url", "must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise InvalidRequestError("callback_url", "has no host")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidRequestError("callback_url", "must not carry credentials")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+class LocalJobs(JobBackend):
+    """The embedded backend: jobs are tasks of this process; on shutdown queued ones fail."""
 
+    def __init__(self, run: Runner, secret_of: SecretOf, webhooks: WebhookSender, ttl: float, max_jobs: int) -> None:
+        super().__init__(run, secret_of, webhooks, ttl)
+        self.store = JobStore(ttl, max_jobs)
+        self._tasks: dict[asyncio.Task[None], Job] = {}
 
-def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not addr.is_multicast
+    def stored(self) -> int:
+        return len(self.store)
 
+    async def submit(
+        self, tenant: str, request: ExecutionRequest, callback_url: str | None, retries: int, max_pending: int
+    ) -> str:
+        if not self.store.has_room():
+            raise JobLimit("jobs_full")
+        if self.store.pending(tenant) >= max_pending:
+            raise JobLimit("pending_jobs")
+        job = Job(self.store.new_id(), tenant, request, time.time(), callback_url=callback_url, retries=retries)
+        self.store.add(job)
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks[task] = job
+        task.add_done_callback(lambda t: self._tasks.pop(t, None))
+        return job.id
 
-async def resolve_callback(url: str, allow_private: bool) -> str:
-    """The address to deliver ``url`` to, after the SSRF check; InvalidRequestError if refused."""
-    _, host, port = check_callback_url(url)
-    try:
-        literal = ipaddress.ip_address(host)
-        addresses: list[str] = [str(literal)]
-    except ValueError:
+    async def get(self, tenant: str, job_id: str) -> ExecutionJob | None:
+        job = self.store.get(tenant, job_id)
+        return None if job is None else job.view(self.ttl)
+
+    async def wait(self, tenant: str, job_id: str, timeout: float) -> ExecutionJob | None:
+        job = self.store.get(tenant, job_id)
+        if job is not None and job.finished_at is None:
+            try:
+                await asyncio.wait_for(job.done.wait(), timeout)
+            except TimeoutError:
+                pass
+        return None if job is None else job.view(self.ttl)
+
+    async def _run(self, job: Job) -> None:
+        async def on_start() -> None:
+            job.status, job.started_at = "running", time.time()
+
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            raise InvalidRequestError("callback_url", f"cannot resolve host {host!r}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise InvalidRequestError("callback_url", f"cannot resolve host {host!r}")
-    if not allow_private:
-        for a in addresses:
-            if not _public(ipaddress.ip_address(a.split("%")[0])):
-                raise InvalidRequestError(
-                    "callback_url", "resolves to a loopback, private or reserved address; not allowed on this server"
-                )
-    return addresses[0]
-
-
-class WebhookSender:
-    """POSTs signed job results to callback URLs, with a few retries."""
-
-    def __init__(
-        self, timeout: float, attempts: int, allow_private: bool, on_outcome: Callable[[str], None] | None = None
-    ) -> None:
-        self.timeout, self.attempts, self.allow_private = timeout, attempts, allow_private
-        self.on_outcome = on_outcome
-        self.backoff = 0.5
-
-    async def deliver(self, url: str, body: bytes, secret: str) -> bool:
-        """True once a 2xx answer arrived; False after the last failed attempt."""
-        try:
-            address = await resolve_callback(url, self.allow_private)
-        except InvalidRequestError as exc:
-            log.warning("webhook refused: %s", exc.message)
-            self._count("refused")
-            return False
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"[{address}]" if ":" in address else address
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "execbox-webhook",
-            "Host": parts.netloc.rpartition("@")[2],
-            SIGNATURE_HEADER: sign(secret, body),
-        }
-        # trust_env=False: never route webhooks through a proxy from the environment.
-        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, follow_redirects=False) as client:
-            for attempt in range(1, self.attempts + 1):
-                try:
-                    resp = await client.post(pinned, content=body, headers=headers, extensions={"sni_hostname": host})
-                    if 200 <= resp.status_code < 300:
-                        self._count("delivered")
-                        return True
-                    retry = resp.status_code >= 500 or resp.status_code == 429
-                    log.warning("webhook answered %d", resp.status_code, extra={"attempt": attempt})
-                except httpx.HTTPError as exc:
-                    retry = True
-                    log.warning("webhook delivery failed: %s", type(exc).__name__, extra={"attempt": attempt})
-                if not retry or attempt == self.attempts:
+            job.result, job.error = await self.run(job.tenant, job.request, on_start)
+        except asyncio.CancelledError:
+            job.result, job.error = None, SHUTDOWN_ERROR
+        job.status = "completed" if job.result is not None else "failed"
+        job.finished_at = time.time()
+        job.done.set()
+        secret = self.secret_of(job.tenant)
+        if job.callback_url is not None and secret is not None:
+            job.callback_status = "pending"
+            body = job.view(self.ttl).model_dump_json(exclude={"callback_status", "callback_attempts"}).encode()
+            for n in range(1, self.webhooks.attempts + 1):
+                job.callback_attempts = n
+                outcome = await self.webhooks.attempt(job.callback_url, body, secret, job.id, n)
+                if outcome != "retry":
                     break
-                await asyncio.sleep(self.backoff * 4 ** (attempt - 1))
-        self._count("failed")
-        return False
+                await asyncio.sleep(self.webhooks.delay(n))
+            job.callback_status = "delivered" if outcome == "delivered" else "failed"
 
-    def _count(self, outcome: str) -> None:
-        if self.on_outcome is not None:
-            self.on_outcome(outcome)
+    async def shutdown(self, grace: float) -> None:
+        for task, job in list(self._tasks.items()):
+            if job.status == "queued":
+                task.cancel()
+        pending = set(self._tasks)
+        if pending:
+            log.info("waiting for %d async executions", len(pending), extra={"in_flight": len(pending)})
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)

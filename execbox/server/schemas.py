@@ -48,7 +48,15 @@ class JobRequest(ExecutionRequest):
         None,
         max_length=2048,
         description="http(s) URL that receives the finished job by POST, signed with "
-        "X-Execbox-Signature: sha256=HMAC-SHA256(tenant webhook secret, body).",
+        "X-Execbox-Signature: sha256=HMAC-SHA256(tenant webhook secret, body), with X-Execbox-Delivery: <job id> "
+        "(the same on every attempt: de-duplicate on it).",
+    )
+    retries: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="Times the execution may be started again if the server running it dies mid-run (code is "
+        "not assumed idempotent: by default such a job ends failed). A job still queued is never lost either way.",
     )
 
 
@@ -60,8 +68,8 @@ class Submitted(BaseModel):
 class ErrorBody(BaseModel):
     type: str = Field(
         description="invalid_request, payload_too_large, unauthorized, forbidden, not_found, quota_exceeded, "
-        "server_busy, engine_unavailable, engine_error, image_not_found, sandbox_error, shutting_down "
-        "or internal_error."
+        "server_busy, engine_unavailable, engine_error, image_not_found, sandbox_error, shutting_down, "
+        "queue_unavailable, interrupted (the server running an async execution died mid-run) or internal_error."
     )
     message: str = Field(description="What went wrong, for a person.")
     field: str | None = Field(None, description="The offending request field (dotted path), if one is to blame.")
@@ -95,3 +103,6 @@ class ExecutionJob(BaseModel):
     callback_status: Literal["pending", "delivered", "failed"] | None = Field(
         None, description="Delivery state of the webhook, when there is one."
     )
+    callback_attempts: int = Field(0, description="Webhook delivery attempts made so far.")
+    attempts: int = Field(0, description="Times the execution was started (more than 1 only with retries).")
+    retries: int = Field(0, description="Restarts allowed if the server running it dies (from the request).")

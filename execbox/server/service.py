@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -24,11 +24,12 @@ from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
 from .errors import ApiError, from_library
-from .jobs import Job, JobStore, WebhookSender, resolve_callback
+from .jobs import JobBackend, JobLimit, LocalJobs, Outcome
 from .logging import bind
 from .metrics import Metrics, outcome_of
 from .quota import Gate, QueueFull, QuotaExceeded, TenantQuotas
 from .schemas import ErrorBody, JobRequest
+from .webhooks import WebhookSender, resolve_callback
 
 __all__ = ["Admission", "ExecutionService"]
 
@@ -57,15 +58,24 @@ class ExecutionService:
         self.sessions: Sessions | None = None  # set at start-up unless settings.sessions is off
         self.gate = Gate(settings.max_concurrent, settings.max_queue)
         self.quotas = TenantQuotas()
-        self.jobs = JobStore(settings.job_ttl, settings.max_jobs)
+        self.tenants: Callable[[str], Tenant | None] | None = None  # tenant by name (set by create_app)
         self.webhooks = WebhookSender(
-            settings.webhook_timeout, settings.webhook_attempts, settings.allow_private_callbacks, metrics.webhook
+            settings.webhook_timeout,
+            settings.webhook_attempts,
+            settings.allow_private_callbacks,
+            metrics.webhook,
+            backoff=settings.webhook_backoff,
         )
+        self.jobs: JobBackend = self._job_backend()
         self.accepting = True
         self._threads = anyio.CapacityLimiter(settings.max_concurrent)
-        self._tasks: dict[asyncio.Task[None], Job | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         metrics.gauge("execbox_queue_waiting", "Requests waiting for an execution slot.", lambda: self.gate.waiting)
-        metrics.gauge("execbox_jobs_stored", "Async executions held (any status).", lambda: len(self.jobs))
+        metrics.gauge(
+            "execbox_jobs_stored",
+            "Async executions held: any status (embedded), or unfinished ones of every replica (Redis queue).",
+            lambda: self.jobs.stored(),
+        )
         for field, help_ in (
             ("hits", "Runs served by a ready pooled sandbox (since start)."),
             ("misses", "Runs that waited for a fresh sandbox (since start)."),
@@ -86,6 +96,24 @@ class ExecutionService:
         ):
             metrics.gauge(f"execbox_sessions_{field}", help_, functools.partial(self._session_stat, field))
         self._session_stats: tuple[float, dict[str, int]] = (0.0, {})
+
+    def _job_backend(self) -> JobBackend:
+        s = self.settings
+        url = s.job_queue()
+        if url is None:
+            return LocalJobs(self.run_job, self._secret_of, self.webhooks, s.job_ttl, s.max_jobs)
+        from .redisjobs import RedisJobs
+
+        return RedisJobs(
+            url,
+            self.run_job,
+            self._secret_of,
+            self.webhooks,
+            s.job_ttl,
+            s.max_jobs,
+            slots=s.max_concurrent,
+            heartbeat_ttl=s.job_heartbeat_ttl,
+        )
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -200,39 +228,32 @@ class ExecutionService:
         finally:
             self.metrics.finished(request.language, outcome, time.monotonic() - started)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], job: Job | None = None) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in the background; shutdown waits for it."""
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks[task] = job
-        task.add_done_callback(lambda t: self._tasks.pop(t, None))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     # -- async jobs ---------------------------------------------------------------------------
 
-    async def submit(self, tenant: Tenant, body: JobRequest) -> Job:
+    def tenant(self, name: str) -> Tenant | None:
+        return self.tenants(name) if self.tenants is not None else None
+
+    def _secret_of(self, name: str) -> str | None:
+        tenant = self.tenant(name)
+        return tenant.policy.webhook_secret if tenant is not None else None
+
+    async def submit(self, tenant: Tenant, body: JobRequest) -> str:
+        """Accept an async execution (its id), or raise the ApiError that refuses it."""
         self._check_accepting()
-        request = ExecutionRequest.model_validate(body.model_dump(exclude={"callback_url"}, exclude_unset=True))
+        exclude = {"callback_url", "retries"}
+        request = ExecutionRequest.model_validate(body.model_dump(exclude=exclude, exclude_unset=True))
         prepared = self.prepare(tenant, request)
         if body.callback_url is not None:
             if tenant.policy.webhook_secret is None:
                 raise InvalidRequestError("callback_url", "this tenant has no webhook secret configured")
             await resolve_callback(body.callback_url, self.settings.allow_private_callbacks)
-        if not self.jobs.has_room():
-            raise ApiError(
-                503,
-                "server_busy",
-                "too many async executions held",
-                retry_after=self.settings.retry_after,
-                reason="jobs_full",
-            )
-        if self.jobs.pending(tenant.name) >= self.settings.max_pending_jobs_per_tenant:
-            raise ApiError(
-                429,
-                "quota_exceeded",
-                "too many unfinished async executions for this tenant",
-                retry_after=1,
-                reason="pending_jobs",
-            )
         st = self.quotas.state(tenant.name, tenant.policy.max_concurrent, tenant.policy.executions_per_minute)
         wait = st.rate.take()
         if wait:
@@ -243,52 +264,67 @@ class ExecutionService:
                 retry_after=wait,
                 reason="rate_limited",
             )
-        job = Job(self.jobs.new_id(), tenant.name, prepared, time.time(), callback_url=body.callback_url)
-        self.jobs.add(job)
-        self.spawn(self._run_job(tenant, st.slots, job), job)
-        log.info("execution queued", extra={"job_id": job.id, "language": prepared.language})
-        return job
-
-    async def _run_job(self, tenant: Tenant, tenant_gate: Gate, job: Job) -> None:
-        bind(tenant=tenant.name)
         try:
-            await tenant_gate.acquire(bounded=False)
+            job_id = await self.jobs.submit(
+                tenant.name, prepared, body.callback_url, body.retries, self.settings.max_pending_jobs_per_tenant
+            )
+        except JobLimit as exc:
+            st.rate.refund()
+            if exc.reason == "jobs_full":
+                raise ApiError(
+                    503,
+                    "server_busy",
+                    "too many async executions held",
+                    retry_after=self.settings.retry_after,
+                    reason="jobs_full",
+                ) from None
+            raise ApiError(
+                429,
+                "quota_exceeded",
+                "too many unfinished async executions for this tenant",
+                retry_after=1,
+                reason="pending_jobs",
+            ) from None
+        except BaseException:
+            st.rate.refund()
+            raise
+        log.info("execution queued", extra={"job_id": job_id, "language": prepared.language})
+        return job_id
+
+    async def run_job(
+        self, tenant_name: str, request: ExecutionRequest, on_start: Callable[[], Awaitable[None]]
+    ) -> Outcome:
+        """Run a job under the tenant's and the global slots; ``on_start`` once they are held."""
+        bind(tenant=tenant_name)
+        tenant = self.tenant(tenant_name)
+        if tenant is None:
+            return None, ErrorBody(type="forbidden", message="the tenant of this execution no longer exists")
+        st = self.quotas.state(tenant.name, tenant.policy.max_concurrent, tenant.policy.executions_per_minute)
+        await st.slots.acquire(bounded=False)
+        try:
+            await self.gate.acquire(bounded=False)
             try:
-                await self.gate.acquire(bounded=False)
+                await on_start()
                 try:
-                    job.status, job.started_at = "running", time.time()
-                    job.result = await self.run(tenant, job.request)
-                    job.status = "completed"
-                finally:
-                    self.gate.release()
+                    return await self.run(tenant, request), None
+                except ExecboxError as exc:
+                    err = from_library(exc)
+                    return None, ErrorBody(type=err.type, message=err.message, field=err.field)
+                except Exception as exc:  # never lose a job silently
+                    log.exception("async execution failed")
+                    return None, ErrorBody(type="internal_error", message=type(exc).__name__)
             finally:
-                tenant_gate.release()
-        except asyncio.CancelledError:
-            job.status = "failed"
-            job.error = ErrorBody(type="shutting_down", message="the server shut down before the execution ran")
-        except ExecboxError as exc:
-            err = from_library(exc)
-            job.status, job.error = "failed", ErrorBody(type=err.type, message=err.message, field=err.field)
-        except Exception as exc:  # never lose a job silently
-            log.exception("async execution failed")
-            job.status = "failed"
-            job.error = ErrorBody(type="internal_error", message=type(exc).__name__)
-        job.finished_at = time.time()
-        job.done.set()
-        if job.callback_url is not None and tenant.policy.webhook_secret is not None:
-            job.callback_status = "pending"
-            payload = job.view(self.jobs.ttl).model_dump_json(exclude={"callback_status"}).encode()
-            ok = await self.webhooks.deliver(job.callback_url, payload, tenant.policy.webhook_secret)
-            job.callback_status = "delivered" if ok else "failed"
+                self.gate.release()
+        finally:
+            st.slots.release()
 
     # -- shutdown -----------------------------------------------------------------------------
 
     async def shutdown(self, grace: float) -> None:
-        """Refuse new work, fail queued jobs, let running ones finish within ``grace`` seconds."""
+        """Refuse new work, let running executions finish within ``grace`` seconds; queued jobs fail
+        (embedded) or stay queued for another replica (Redis)."""
         self.accepting = False
-        for task, job in list(self._tasks.items()):
-            if job is not None and job.status == "queued":
-                task.cancel()
+        jobs = asyncio.get_running_loop().create_task(self.jobs.shutdown(grace))
         pending = set(self._tasks)
         if pending:
             log.info("waiting for %d background executions", len(pending), extra={"in_flight": len(pending)})
@@ -297,3 +333,4 @@ class ExecutionService:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
+        await jobs

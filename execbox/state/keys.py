@@ -4,6 +4,10 @@ PREFIX = "execbox:"
 STATE = PREFIX + "state:"  # hash {v, ver, updated}: one user's state, TTL = store ttl
 LOCK = PREFIX + "lock:"  # string token: a user's stateful-run lock, TTL = lease
 RECORD = PREFIX + "rec:"  # string JSON: a small record of execbox itself (session registry), TTL = its own
+STREAM = PREFIX + "q:"  # stream: a work queue (consumer group) or an event log, TTL refreshed on every add
+HEARTBEAT = PREFIX + "hb:"  # string: a queue consumer is alive, TTL = heartbeat ttl (refreshed at ttl/3)
+JOB = PREFIX + "job:"  # hash: an async execution's record, TTL = unfinished lease, then the job ttl
+PENDING = PREFIX + "pending:"  # sorted set of unfinished job ids (score: submission time), TTL refreshed on add
 
 
 def state_key(tenant: str, user: str) -> str:
@@ -22,3 +26,20 @@ def record_pattern(kind: str, prefix: str) -> str:
     """A SCAN MATCH pattern for the records of ``kind`` whose key starts with ``prefix``."""
     escaped = "".join("\\" + c if c in "*?[]\\" else c for c in f"{kind}:{prefix}")
     return f"{RECORD}{escaped}*"
+
+
+def stream_key(name: str) -> str:
+    return f"{STREAM}{name}"
+
+
+def heartbeat_key(consumer: str) -> str:
+    return f"{HEARTBEAT}{consumer}"
+
+
+def job_key(tenant: str, job_id: str) -> str:
+    return f"{JOB}{tenant}:{job_id}"
+
+
+def pending_key(tenant: str | None) -> str:
+    """Unfinished jobs of one tenant, or of every tenant (None)."""
+    return f"{PENDING}{tenant}" if tenant is not None else f"{PENDING}*all"

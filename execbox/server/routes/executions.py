@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
@@ -22,14 +20,14 @@ router = APIRouter(tags=["executions"])
     status_code=202,
     response_model=Submitted,
     summary="Start an execution in the background",
-    description="Answers at once with the execution's id. The result is kept for the server's job TTL after "
-    "the execution finishes. With `callback_url`, the finished job is also POSTed there, signed with "
-    "`X-Execbox-Signature: sha256=<hex HMAC-SHA256 of the body under the tenant's webhook secret>`.",
+    description="Answers at once with the execution's id; any replica sharing the queue answers for it. The "
+    "result is kept for the server's job TTL after the execution finishes. With `callback_url`, the finished job "
+    "is also POSTed there, signed with `X-Execbox-Signature: sha256=<hex HMAC-SHA256 of the body under the "
+    "tenant's webhook secret>` and identified by `X-Execbox-Delivery: <id>` (the same on every retry).",
     responses=ERROR_RESPONSES,
 )
 async def submit(body: JobRequest, tenant: TenantDep, service: ServiceDep) -> Submitted:
-    job = await service.submit(tenant, body)
-    return Submitted(id=job.id, status="queued")
+    return Submitted(id=await service.submit(tenant, body), status="queued")
 
 
 @router.get(
@@ -51,10 +49,10 @@ async def get_execution(
         float, Query(ge=0, le=60, description="Wait up to this many seconds for the execution to finish.")
     ] = 0,
 ) -> ExecutionJob:
-    job = service.jobs.get(tenant.name, execution_id)
+    if wait > 0:
+        job = await service.jobs.wait(tenant.name, execution_id, wait)
+    else:
+        job = await service.jobs.get(tenant.name, execution_id)
     if job is None:
         raise ApiError(404, "not_found", "no such execution", field="execution_id", reason="not_found")
-    if wait > 0 and job.finished_at is None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(job.done.wait(), wait)
-    return job.view(service.jobs.ttl)
+    return job
