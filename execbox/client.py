@@ -217,7 +217,7 @@ class Client(SessionsMixin, _Base):
         """
         body = _request(code, env, language, fields)
         response = self._send("POST", "/v1/execute", _read_timeout(body, self.slack), json=body)
-        return ExecutionResult.model_validate(response.json())
+        return ExecutionResult.model_validate_json(response.content)
 
     def stream(
         self,
@@ -341,7 +341,7 @@ class AsyncClient(AsyncSessionsMixin, _Base):
     ) -> ExecutionResult:
         body = _request(code, env, language, fields)
         response = await self._send("POST", "/v1/execute", _read_timeout(body, self.slack), json=body)
-        return ExecutionResult.model_validate(response.json())
+        return ExecutionResult.model_validate_json(response.content)
 
     async def stream(
         self,
