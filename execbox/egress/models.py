@@ -8,7 +8,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-__all__ = ["DEFAULT_REDACT", "DEFAULT_STRIP", "EgressGrant", "EgressSettings", "NetworkLogEntry", "Secret"]
+from .policy import NetworkPolicy
+
+__all__ = [
+    "DEFAULT_REDACT",
+    "DEFAULT_STRIP",
+    "EgressBinding",
+    "EgressGrant",
+    "EgressSettings",
+    "NetworkLogEntry",
+    "Secret",
+]
 
 DEFAULT_REDACT = (
     "authorization",
@@ -104,6 +114,34 @@ class EgressGrant:
     # Per language, what the runtime loads before the program (set by env for a runtime started
     # for the run; a runtime started ahead of the run, in the warm pool, is told to load it).
     preloads: dict[str, str] = field(default_factory=dict)
+
+
+class BoundSecretData(BaseModel):
+    """A secret as a grant bound it: the placeholder its sandbox holds, and the real value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    placeholder: str
+    value: str = Field(repr=False)
+    hosts: tuple[str, ...]
+
+
+class EgressBinding(BaseModel):
+    """What re-establishes a grant in another process (a session's, after a restart): the proxy
+    credential its sandbox holds, its policies, its secrets (real values: keep it private)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    network: str = Field(description="The internal network the sandbox is on.")
+    proxy: str = Field(description="gateway:port of the proxy, baked into the sandbox's environment.")
+    username: str
+    password: str = Field(repr=False)
+    policies: tuple[NetworkPolicy, ...]
+    secrets: tuple[BoundSecretData, ...] = ()
+    tenant: str | None = None
+    user_id: str | None = None
 
 
 class NetworkLogEntry(BaseModel):
