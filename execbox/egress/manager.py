@@ -68,7 +68,8 @@ class Egress:
             try:
                 self._start()
             except BaseException:
-                self._teardown()
+                # A named network may be another process's (its proxy holds the port): leave it be.
+                self._teardown(keep_network=self.settings.network_name is not None)
                 raise
             self._started = True
 
@@ -107,13 +108,13 @@ class Egress:
         }
         log.info("egress ready: network %s, proxy %s:%d", info.name, info.gateway, self.port)
 
-    def _teardown(self) -> None:
+    def _teardown(self, keep_network: bool = False) -> None:
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
         # A network that sandboxes are still on (live sessions, adopted by the next process)
         # stays, and so do its firewall rules: without them its sandboxes would reach the host.
-        kept = self._network is not None and not self._network.remove()
+        kept = self._network is not None and (keep_network or not self._network.remove())
         self._network = None
         if self._firewall is not None and not kept:
             self._firewall.remove()

@@ -65,6 +65,10 @@ class Secret(BaseModel):
     value: SecretStr
     hosts: tuple[str, ...] = Field(min_length=1, description="Host patterns the real value may be sent to.")
 
+    def wire(self) -> dict[str, Any]:
+        """As JSON for a request to the service: the real value (``model_dump`` masks it)."""
+        return {"value": self.value.get_secret_value(), "hosts": list(self.hosts)}
+
     @field_validator("value")
     @classmethod
     def _not_short(cls, v: SecretStr) -> SecretStr:
