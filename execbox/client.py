@@ -66,7 +66,10 @@ def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
         raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
-    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    body = req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    if req.secrets:  # model_dump masks their values
+        body["secrets"] = {name: secret.wire() for name, secret in req.secrets.items()}
+    return body
 
 
 def _read_timeout(body: dict[str, Any], slack: float) -> float:

@@ -29,7 +29,10 @@ def _validated(model: type[pydantic.BaseModel], fields: dict[str, Any]) -> dict[
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
         raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
-    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    body = req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    if isinstance(req, SessionCreateRequest) and req.secrets:  # model_dump masks their values
+        body["secrets"] = {name: secret.wire() for name, secret in req.secrets.items()}
+    return body
 
 
 def _session_call(
@@ -76,8 +79,13 @@ class SessionsMixin:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         repl: bool | None = None,
+        network: str | dict[str, Any] | None = None,
+        secrets: dict[str, dict[str, Any]] | None = None,
     ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
+
+        ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
+        give the session egress through the service's proxy, for every call."""
         body = _validated(
             SessionCreateRequest,
             {
@@ -88,6 +96,8 @@ class SessionsMixin:
                 "idle_timeout": idle_timeout,
                 "max_lifetime": max_lifetime,
                 "repl": repl,
+                "network": network,
+                "secrets": secrets,
             },
         )
         response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
@@ -160,8 +170,13 @@ class AsyncSessionsMixin:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         repl: bool | None = None,
+        network: str | dict[str, Any] | None = None,
+        secrets: dict[str, dict[str, Any]] | None = None,
     ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
+
+        ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
+        give the session egress through the service's proxy, for every call."""
         body = _validated(
             SessionCreateRequest,
             {
@@ -172,6 +187,8 @@ class AsyncSessionsMixin:
                 "idle_timeout": idle_timeout,
                 "max_lifetime": max_lifetime,
                 "repl": repl,
+                "network": network,
+                "secrets": secrets,
             },
         )
         response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)

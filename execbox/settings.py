@@ -48,6 +48,15 @@ class Settings(BaseSettings):
         description='Egress upstream overrides as {"api.example.test": "127.0.0.1:8081"} (JSON in'
         " EXECBOX_PROXY_HOST_MAP): the proxy sends that hostname to that address.",
     )
+    egress_network: str = Field(
+        "execbox-egress",
+        description="Docker network of sandboxes with egress. Stable across restarts, with egress_proxy_port:"
+        " sessions with egress keep the proxy's address in their environment (two services on one engine need"
+        " different values).",
+    )
+    egress_proxy_port: int = Field(
+        3128, ge=1, le=65535, description="Port of the egress proxy on that network's gateway (stable, as above)."
+    )
     max_code_bytes: int = Field(1 << 20, gt=0, description="Largest program source; larger gives 413.")
     max_body_bytes: int = Field(8 << 20, gt=0, description="Largest request body; larger gives 413.")
 

@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
 from ..config import ExecutorConfig
+from ..egress import EgressSettings
 from ..exceptions import ConfigurationError
 from ..executor import Executor
 from ..models import DEFAULT_MAX_LIMITS
@@ -91,7 +92,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _sessions(settings: Settings, executor: Executor) -> Sessions:
-    """Sessions over the executor's engine, image and limits; the registry in the session store."""
+    """Sessions over the executor's engine, image, limits and egress; the registry in the session store."""
     url = settings.session_store()
     config = SessionsConfig(
         image=executor.image,
@@ -106,7 +107,8 @@ def _sessions(settings: Settings, executor: Executor) -> Sessions:
         max_lifetime_limit=settings.session_max_lifetime_limit,
         reap_interval=settings.session_reap_interval,
     )
-    return Sessions(executor.engine, open_store(url), config, own_store=True)
+    # One egress proxy per process: the sessions share the executor's.
+    return Sessions(executor.engine, open_store(url), config, own_store=True, egress=executor.egress)
 
 
 def create_app(
@@ -150,7 +152,11 @@ def create_app(
                     settings.engine_url,
                     config=config,
                     state_store=store,
-                    proxy_host_map=settings.proxy_host_map,
+                    egress=EgressSettings(
+                        host_map=settings.proxy_host_map,
+                        network_name=settings.egress_network,
+                        proxy_port=settings.egress_proxy_port,
+                    ),
                 )
             )
         else:

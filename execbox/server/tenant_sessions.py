@@ -34,6 +34,8 @@ class TenantSessions:
             raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
         if body.image is not None and not tenant.image_allowed(body.image, service.ex.image):
             raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
+        if body.network is not None and body.network.mode != "none" and not tenant.policy.network:
+            raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
         # The service's defaults capped at the tenant's maximum, then the request's (checked against it).
         request = ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None)
         limits = service.resolve_limits(tenant, request)
@@ -49,6 +51,8 @@ class TenantSessions:
                 max_lifetime=body.max_lifetime,
                 tenant=tenant.name,
                 repl=body.repl,
+                secrets=body.secrets,
+                network_ceiling=tenant.policy.egress,
             )
 
         return await anyio.to_thread.run_sync(create)
