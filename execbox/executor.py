@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -74,6 +75,7 @@ class Executor:
         if config.image:  # a package image's name ("data") becomes its tag, once
             self.image = self.resolve_image(config.image)
         self.state_store = state_store
+        self.node_name = config.node_name or socket.gethostname()
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
         self._egress_lock = threading.Lock()
         self._egress_pooled = False
@@ -278,6 +280,7 @@ class Executor:
             with self.volumes.in_use(volume):
                 result = self._run_in(profile, payload, exec_id, limits, on_output, keep_off_pool=True)
         result.language = runtime.name
+        result.node = self.node_name
         result.stdout, result.state, result.state_error, _ = extract_state(result.stdout)
         if grant is not None:
             result.network_log = self.egress.log(exec_id)

@@ -259,6 +259,7 @@ class ExecutionResult(RunResult):
     """What one execution produced. Timeouts and OOM kills are fields, not exceptions."""
 
     id: str = Field(description="Execution id (also in execbox's logs).")
+    node: str = Field("", description="The node (host) that ran it: its name, by default the host name.")
     sandbox_id: str = Field("", description="Id of the container that ran the code (used once, then removed).")
     state: Any = Field(None, description="The state the program handed back (its last OUTPUT_STATE: line).")
     state_error: str | None = Field(None, description="Why the handed-back state was not accepted or saved.")

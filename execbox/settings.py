@@ -67,8 +67,14 @@ class Settings(BaseSettings):
 
     queue_url: str | None = Field(
         None,
-        description="Redis (redis://...) holding async jobs, their queue and webhooks, shared by every replica;"
-        " default: state_url when it is a Redis URL, else jobs live in this process (one replica only).",
+        description="Redis (redis://...) of a cluster: `execbox serve` dispatches runs to `execbox node` workers"
+        " through it (and keeps async jobs there); `execbox node` takes runs from it. Unset: runs in-process, and"
+        " async jobs in state_url when it is a Redis URL, else in this process (one replica only).",
+    )
+    node_name: str | None = Field(None, description="`execbox node`: its name (on results); default: the host name.")
+    node_slots: int = Field(4, ge=1, description="`execbox node`: runs it takes at once.")
+    node_ttl: float = Field(
+        10.0, gt=0, description="`execbox node`: its liveness key's TTL; a node silent this long is lost."
     )
     job_ttl: float = Field(3600.0, gt=0, description="Seconds a finished async execution's result is kept.")
     max_jobs: int = Field(

@@ -30,7 +30,7 @@ from .logging import configure_logging
 from .mcp import mcp_route
 from .metrics import Metrics
 from .middleware import Guard
-from .routes import execute, executions, health, sessions, users
+from .routes import execute, executions, health, nodes, sessions, users
 from .service import ExecutionService
 
 __all__ = ["create_app", "serve"]
@@ -167,6 +167,8 @@ def create_app(
             ex = service.ex
             service.sessions = await anyio.to_thread.run_sync(lambda: _sessions(settings, ex))
         await service.jobs.start()
+        if service.dispatcher is not None:
+            await service.dispatcher.start()
         log.info("execbox service ready", extra={"in_flight": 0})
 
         async def reaper() -> None:
@@ -193,6 +195,8 @@ def create_app(
                 await anyio.to_thread.run_sync(service.executor.close)
             if store is not None:
                 store.close()
+            if service.dispatcher is not None:
+                await service.dispatcher.close()
             log.info("execbox service stopped")
 
     app = FastAPI(title="execbox", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -205,6 +209,7 @@ def create_app(
     app.include_router(sessions.router)
     app.include_router(health.router)
     app.include_router(users.router)
+    app.include_router(nodes.router)
     app.router.routes.append(mcp_route_)  # the MCP tools, over streamable HTTP
     app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

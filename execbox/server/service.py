@@ -23,6 +23,7 @@ from ..runtimes import get_runtime
 from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
+from .dispatch import Dispatcher
 from .errors import ApiError, from_library
 from .jobs import JobBackend, JobLimit, LocalJobs, Outcome
 from .logging import bind
@@ -67,6 +68,8 @@ class ExecutionService:
             backoff=settings.webhook_backoff,
         )
         self.jobs: JobBackend = self._job_backend()
+        # With a queue URL, runs go to `execbox node` workers (dispatch.py) instead of this process.
+        self.dispatcher: Dispatcher | None = Dispatcher(settings.queue_url) if settings.queue_url else None
         self.accepting = True
         self._threads = anyio.CapacityLimiter(settings.max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -218,10 +221,13 @@ class ExecutionService:
         started = time.monotonic()
         outcome = "failed"
         try:
-            call = functools.partial(
-                executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress
-            )
-            result = await anyio.to_thread.run_sync(call, limiter=self._threads)
+            if self.dispatcher is not None:  # output is not streamed from nodes (yet): the result only
+                result = await self.dispatcher.run(tenant.name, request, tenant.policy.egress)
+            else:
+                call = functools.partial(
+                    executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress
+                )
+                result = await anyio.to_thread.run_sync(call, limiter=self._threads)
             bind(execution_id=result.id)  # for the request's access log line
             outcome = outcome_of(result)
             return result
