@@ -106,6 +106,7 @@ def _sessions(settings: Settings, executor: Executor) -> Sessions:
         idle_timeout_limit=settings.session_idle_timeout_limit,
         max_lifetime_limit=settings.session_max_lifetime_limit,
         reap_interval=settings.session_reap_interval,
+        data_dir=settings.data_dir,
     )
     # One egress proxy per process: the sessions share the executor's.
     return Sessions(executor.engine, open_store(url), config, own_store=True, egress=executor.egress)

@@ -20,6 +20,7 @@ from ..labels import owner_id
 from ..models import Limits, invalid_request, resolve_limits
 from ..runtimes import get_runtime
 from ..state import StateStore, check_id
+from ..uids import UidRegistry, host_store
 from .calls import SessionsCalls
 from .models import RECORD_KIND, REPL_ARGV, Record, SessionInfo, SessionsConfig
 from .network import network_request
@@ -74,6 +75,7 @@ class Sessions(SessionsCalls):
         self._links = {}
         self._lock = threading.Lock()
         self._rand = random.Random()
+        self.uids = UidRegistry(host_store(config.data_dir), config.uid_base, config.uid_count)
         self._closed = False
         self._stop = threading.Event()
         self._counts = {"created": 0, "ended": 0}  # by this object, since it was made
@@ -214,6 +216,8 @@ class Sessions(SessionsCalls):
         self._close_egress()
         if self._owns_store:
             self.store.close()
+        if self.uids.store is not None:
+            self.uids.store.close()
 
     def __enter__(self) -> Sessions:
         return self

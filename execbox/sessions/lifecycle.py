@@ -190,9 +190,10 @@ class SessionsLifecycle(SessionsNetwork):
             for res in self.engine.list_resources(f"{SESSION_LABEL}={rec.id}"):
                 if res.kind == "container":
                     cid = res.id
-        if cid is not None:
-            self._remove_container(cid)
+        removed = cid is None or self._remove_container(cid)
         self._release_grant(rec)
+        if removed:  # else its lease runs out with the record's TTL, after the reaper removed the container
+            self._release_uid(rec)
         log.info("session %s ended: %s", rec.id, reason, extra={"session_id": rec.id, "tenant": rec.tenant})
 
     def _still_running(self, cid: str) -> bool:
@@ -215,11 +216,13 @@ class SessionsLifecycle(SessionsNetwork):
         if not link.in_use:
             link.close()
 
-    def _remove_container(self, cid: str) -> None:
+    def _remove_container(self, cid: str) -> bool:
         try:
             self.engine.remove(cid)
+            return True
         except Exception:
             log.warning("could not remove session container %s; a later pass will", cid[:12], exc_info=True)
+            return False
 
     def _check_open(self) -> None:
         if self._closed:

@@ -77,6 +77,10 @@ class SessionsConfig(BaseModel):
         200_000, ge=1000, description="First UID of session containers (apart from ephemeral runs' 100000+)."
     )
     uid_count: int = Field(100_000, ge=16)
+    data_dir: str = Field(
+        "/var/lib/execbox",
+        description="Where this host's UID lease table lives (uids.db), shared with runs and volumes.",
+    )
 
 
 class SessionCreateRequest(BaseModel):
