@@ -16,6 +16,7 @@ import pydantic
 from .agentlink import AgentError, CallOutput, LinkEnded, Outcome
 from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
+from .egress.manager import LazyEgress
 from .engine import open_engine
 from .engine.base import Engine
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
@@ -77,14 +78,10 @@ class Executor:
         self.state_store = state_store
         self.node_name = config.node_name or socket.gethostname()
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
-        self._egress_lock = threading.Lock()
+        self._egress = LazyEgress(engine, egress, proxy_host_map)
         self._egress_pooled = False
+        self._volumes_lock = threading.Lock()
         self._volumes: VolumeManager | None = None
-        self._egress: Egress | None = egress if isinstance(egress, Egress) else None
-        self._owns_egress = self._egress is None
-        self._egress_settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
-        if proxy_host_map:
-            self._egress_settings = self._egress_settings.model_copy(update={"host_map": proxy_host_map})
         self._closed = False
         if config.sweep_on_start:
             sweep(engine)
@@ -349,7 +346,7 @@ class Executor:
     @property
     def volumes(self) -> VolumeManager:
         """Per-user volumes (created on first use; needs root and a Docker engine)."""
-        with self._egress_lock:
+        with self._volumes_lock:
             if self._volumes is None:
                 from pathlib import Path
 
@@ -365,10 +362,7 @@ class Executor:
     @property
     def egress(self) -> Egress:
         """The egress subsystem (created on first use; started by its first run)."""
-        with self._egress_lock:
-            if self._egress is None:
-                self._egress = Egress(self.engine, self._egress_settings)
-            return self._egress
+        return self._egress.get()
 
     def housekeep(self) -> dict[str, int]:
         """One reaper pass: remove orphaned resources, and volumes idle past config.volume_max_idle."""
@@ -394,8 +388,7 @@ class Executor:
         for sb in self.factory.live():
             self.factory.destroy(sb)
         self.factory.retry_removals()
-        if self._owns_egress and self._egress is not None:
-            self._egress.close()
+        self._egress.close()
         if self._owns_uid_store and self.uid_store is not None:
             self.uid_store.close()
 

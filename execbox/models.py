@@ -127,7 +127,11 @@ def invalid_request(exc: pydantic.ValidationError, prefix: str = "", default: st
 
 
 def resolve_limits(
-    defaults: Limits, maximum: Limits, requested: Limits | dict[str, Any] | None, timeout: float | None = None
+    defaults: Limits,
+    maximum: Limits,
+    requested: Limits | dict[str, Any] | None,
+    timeout: float | None = None,
+    whose: str = "the maximum",
 ) -> Limits:
     """``requested`` (and a ``timeout`` given on its own) over ``defaults``, checked against
     ``maximum``; InvalidRequestError naming ``limits.<field>`` (or ``timeout``) otherwise."""
@@ -139,7 +143,7 @@ def resolve_limits(
         limits = limits.model_copy(update={"timeout": timeout})
     for name in limits.exceeding(maximum):
         field = "timeout" if name == "timeout" and timeout is not None else f"limits.{name}"
-        raise InvalidRequestError(field, f"{getattr(limits, name)} exceeds the maximum {getattr(maximum, name)}")
+        raise InvalidRequestError(field, f"{getattr(limits, name)} exceeds {whose} {getattr(maximum, name)}")
     return limits
 
 

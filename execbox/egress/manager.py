@@ -283,3 +283,32 @@ class Egress:
         if state.dropped:
             log.warning("run %s: %d network log entries over the cap were dropped", run_id, state.dropped)
         return state.entries()
+
+
+class LazyEgress:
+    """An ``Egress`` given by the caller (shared), or one made from settings on first use (owned:
+    closed by ``close``). What ``Executor`` and ``Sessions`` hold."""
+
+    def __init__(self, engine: Engine, egress: Egress | EgressSettings | None, host_map: dict[str, str] | None) -> None:
+        self.engine = engine
+        self._egress = egress if isinstance(egress, Egress) else None
+        self.owned = self._egress is None
+        self.settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
+        if host_map:
+            self.settings = self.settings.model_copy(update={"host_map": host_map})
+        self._lock = threading.Lock()
+
+    def get(self) -> Egress:
+        with self._lock:
+            if self._egress is None:
+                self._egress = Egress(self.engine, self.settings)
+            return self._egress
+
+    @property
+    def made(self) -> Egress | None:
+        """The Egress if there is one yet (None: nothing used egress)."""
+        return self._egress
+
+    def close(self) -> None:
+        if self.owned and self._egress is not None:
+            self._egress.close()

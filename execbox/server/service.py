@@ -16,10 +16,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ..egress import NetworkPolicy
 from ..exceptions import ExecboxError, InvalidRequestError
 from ..executor import Executor, OutputCallback
-from ..models import ExecutionRequest, ExecutionResult, Limits
-from ..runtimes import get_runtime
+from ..models import ExecutionRequest, ExecutionResult, Limits, resolve_limits
+from ..runtimes import Runtime, get_runtime
 from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
@@ -149,28 +150,26 @@ class ExecutionService:
                 field="code",
                 reason="too_large",
             )
-        runtime = get_runtime(request.language)
-        if runtime.name not in tenant.policy.languages:
-            raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
-        if request.image is not None and not tenant.image_allowed(request.image, self.ex.image):
-            raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
-        if request.network is not None and request.network.mode != "none" and not tenant.policy.network:
-            raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
+        runtime = self.permit(tenant, request.language, request.image, request.network)
         limits = self.resolve_limits(tenant, request)
         return request.model_copy(update={"language": runtime.name, "limits": limits, "timeout": None})
+
+    def permit(self, tenant: Tenant, language: str, image: str | None, network: NetworkPolicy | None) -> Runtime:
+        """The runtime of ``language`` if the tenant may use it, that image and that network; else a 403."""
+        runtime = get_runtime(language)
+        if runtime.name not in tenant.policy.languages:
+            raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
+        if image is not None and not tenant.image_allowed(image, self.ex.image):
+            raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
+        if network is not None and network.mode != "none" and not tenant.policy.network:
+            raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
+        return runtime
 
     def resolve_limits(self, tenant: Tenant, request: ExecutionRequest) -> Limits:
         """Defaults (capped at the tenant's maximum), then the request's values, checked against that maximum."""
         cap, defaults = tenant.max_limits, self.ex.config.default_limits
         base = Limits(**{k: min(getattr(defaults, k), getattr(cap, k)) for k in Limits.model_fields})
-        limits = base.merged(request.limits)
-        if request.timeout is not None:
-            limits = limits.model_copy(update={"timeout": request.timeout})
-        for name in limits.exceeding(cap):
-            field = "timeout" if name == "timeout" and request.timeout is not None else f"limits.{name}"
-            raise InvalidRequestError(
-                field, f"{getattr(limits, name)} exceeds this tenant's maximum {getattr(cap, name)}"
-            )
+        limits = resolve_limits(base, cap, request.limits, request.timeout, whose="this tenant's maximum")
         # Every field explicitly set, so that the executor's own defaults do not apply again.
         return Limits(**limits.model_dump())
 

@@ -13,13 +13,13 @@ policies, the secrets' real values); a session whose grant cannot be re-establis
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..egress import Egress, EgressGrant, EgressSettings, NetworkLogEntry, NetworkPolicy, Secret
+from ..egress.manager import LazyEgress
 from ..exceptions import ConfigurationError, EngineError, InvalidRequestError
 from ..models import invalid_request
 from .models import Record
@@ -57,26 +57,15 @@ def network_request(network: Any, secrets: Any) -> tuple[NetworkPolicy | None, d
 
 
 class SessionsNetwork(SessionsBase):
-    _egress: Egress | None
-    _egress_settings: EgressSettings
-    _owns_egress: bool
-    _egress_lock: threading.Lock
+    _egress: LazyEgress
 
     def _init_egress(self, egress: Egress | EgressSettings | None, proxy_host_map: dict[str, str] | None) -> None:
-        self._egress_lock = threading.Lock()
-        self._egress = egress if isinstance(egress, Egress) else None
-        self._owns_egress = self._egress is None
-        self._egress_settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
-        if proxy_host_map:
-            self._egress_settings = self._egress_settings.model_copy(update={"host_map": proxy_host_map})
+        self._egress = LazyEgress(self.engine, egress, proxy_host_map)
 
     @property
     def egress(self) -> Egress:
         """The egress subsystem (created on first use; started by the first session that asks for it)."""
-        with self._egress_lock:
-            if self._egress is None:
-                self._egress = Egress(self.engine, self._egress_settings)
-            return self._egress
+        return self._egress.get()
 
     def _grant(
         self,
@@ -129,14 +118,14 @@ class SessionsNetwork(SessionsBase):
         return lost
 
     def _take_log(self, rec: Record) -> list[NetworkLogEntry]:
-        if rec.egress is None or self._egress is None:
+        if rec.egress is None or self._egress.made is None:
             return []
-        return self._egress.take_log(rec.id)
+        return self._egress.get().take_log(rec.id)
 
     def _release_grant(self, rec: Record) -> None:
-        if rec.egress is not None and self._egress is not None:
-            self._egress.finish(rec.id)
+        made = self._egress.made
+        if rec.egress is not None and made is not None:
+            made.finish(rec.id)
 
     def _close_egress(self) -> None:
-        if self._owns_egress and self._egress is not None:
-            self._egress.close()
+        self._egress.close()
