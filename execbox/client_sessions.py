@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pydantic
 
-from .exceptions import InvalidRequestError
+from .models import invalid_request
 from .sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionList, SessionResult
 
 if TYPE_CHECKING:
@@ -26,9 +26,7 @@ def _validated(model: type[pydantic.BaseModel], fields: dict[str, Any]) -> dict[
     try:
         req = model.model_validate({k: v for k, v in fields.items() if v is not None})
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
+        raise invalid_request(exc) from None
     body = req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
     if isinstance(req, SessionCreateRequest) and req.secrets:  # model_dump masks their values
         body["secrets"] = {name: secret.wire() for name, secret in req.secrets.items()}
@@ -45,6 +43,31 @@ def _session_call(
     encoded = {p: c.encode() if isinstance(c, str) else c for p, c in (files or {}).items()}
     fields = {"code": code, "env": env, "timeout": timeout, "files": encoded or None, "collect": collect or None}
     return _validated(SessionExecuteRequest, fields)
+
+
+def _create_body(
+    user_id: str,
+    language: str,
+    image: str | None,
+    limits: dict[str, Any] | None,
+    idle_timeout: float | None,
+    max_lifetime: float | None,
+    repl: bool | None,
+    network: str | dict[str, Any] | None,
+    secrets: dict[str, dict[str, Any]] | None,
+) -> dict[str, Any]:
+    fields = {
+        "user_id": user_id,
+        "language": language,
+        "image": image,
+        "limits": limits,
+        "idle_timeout": idle_timeout,
+        "max_lifetime": max_lifetime,
+        "repl": repl,
+        "network": network,
+        "secrets": secrets,
+    }
+    return _validated(SessionCreateRequest, fields)
 
 
 # Session calls: the session's own timeout is not known here, so allow for the largest.
@@ -86,20 +109,7 @@ class SessionsMixin:
 
         ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
         give the session egress through the service's proxy, for every call."""
-        body = _validated(
-            SessionCreateRequest,
-            {
-                "user_id": user_id,
-                "language": language,
-                "image": image,
-                "limits": limits,
-                "idle_timeout": idle_timeout,
-                "max_lifetime": max_lifetime,
-                "repl": repl,
-                "network": network,
-                "secrets": secrets,
-            },
-        )
+        body = _create_body(user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets)
         response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())
 
@@ -177,20 +187,7 @@ class AsyncSessionsMixin:
 
         ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
         give the session egress through the service's proxy, for every call."""
-        body = _validated(
-            SessionCreateRequest,
-            {
-                "user_id": user_id,
-                "language": language,
-                "image": image,
-                "limits": limits,
-                "idle_timeout": idle_timeout,
-                "max_lifetime": max_lifetime,
-                "repl": repl,
-                "network": network,
-                "secrets": secrets,
-            },
-        )
+        body = _create_body(user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets)
         response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())
 
