@@ -65,9 +65,12 @@ class Node:
         self.queue = StreamQueue(r, RUNS, GROUP, name)
         self.heartbeat = Heartbeat(r, name, ttl)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.healthy = asyncio.Event()  # the engine answers: only then does the node take work
 
     async def publish(self) -> None:
+        await self._check_engine()
         status = node_status(self.executor, self.name, self.slots, self.running)
+        status["healthy"] = self.healthy.is_set()
         await self.r.set(node_key(self.name), json.dumps(status), px=max(1, int(self.ttl * 1000)))
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -78,7 +81,7 @@ class Node:
         loops = [
             asyncio.create_task(self._publish_loop()),
             asyncio.create_task(self._orphan_loop()),
-            asyncio.create_task(self.queue.pull(self._free, self._start, block=1.0)),
+            asyncio.create_task(self._pull()),
         ]
         log.info("node %s serving (%d slots)", self.name, self.slots)
         await stop.wait()
@@ -92,6 +95,38 @@ class Node:
         await self.heartbeat.stop()
         with contextlib.suppress(redis.exceptions.RedisError):
             await self.r.delete(node_key(self.name))
+
+    async def _pull(self) -> None:
+        """One entry per free slot, and only while the engine answers: the rest stays queued for others."""
+        while True:
+            await self._free.acquire()
+            await self.healthy.wait()
+            try:
+                entry = await self.queue.read(1.0)
+            except redis.exceptions.RedisError as exc:
+                self._free.release()
+                log.warning("reading the run queue failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except BaseException:
+                self._free.release()
+                raise
+            if entry is None:
+                self._free.release()
+            else:
+                self._start(entry)
+
+    async def _check_engine(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.executor.engine.ping)
+        except ExecboxError as exc:
+            if self.healthy.is_set():
+                log.warning("node %s: the engine does not answer (%s): taking no work", self.name, exc)
+            self.healthy.clear()
+            return
+        if not self.healthy.is_set():
+            log.info("node %s: the engine answers: taking work", self.name)
+        self.healthy.set()
 
     def _start(self, entry: Entry) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(entry))
@@ -151,6 +186,7 @@ class Node:
             answer = {"error": {"type": "InvalidRequestError", "field": exc.field, "message": exc.message}}
         except ExecboxError as exc:
             answer = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        answer["node"] = self.name
         async with self.r.pipeline(transaction=True) as p:
             p.rpush(reply_key(run_id), json.dumps(answer))
             p.pexpire(reply_key(run_id), int(REPLY_TTL * 1000))

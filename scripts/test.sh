@@ -21,6 +21,8 @@ export EXECBOX_REQUIRE_DOCKER=1
 if [ $# -gt 0 ]; then
   exec .venv/bin/pytest -q "$@"
 fi
-.venv/bin/pytest -q -m "not disruptive"
+.venv/bin/pytest -q -m "not disruptive and not cluster"
 # Restarts dockerd: alone, after everything else.
 .venv/bin/pytest -q -m disruptive
+# Three more engines in network namespaces (scripts/cluster-bed.sh), torn down after: last.
+.venv/bin/pytest -q -m cluster

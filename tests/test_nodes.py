@@ -31,7 +31,7 @@ pytestmark = pytest.mark.docker
 
 
 class NodeProcess:
-    def __init__(self, directory: Path, name: str, queue_url: str) -> None:
+    def __init__(self, directory: Path, name: str, queue_url: str, engine_url: str | None = None) -> None:
         self.name = name
         self.log = directory / f"node-{name}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("EXECBOX_")}
@@ -51,6 +51,7 @@ class NodeProcess:
                     str(directory / f"{name}-data"),
                     "--slots",
                     "2",
+                    *(["--engine-url", engine_url] if engine_url else []),
                 ],
                 stdout=fh,
                 stderr=subprocess.STDOUT,

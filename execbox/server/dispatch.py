@@ -18,8 +18,9 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from .. import exceptions
 from ..egress import NetworkPolicy
-from ..exceptions import EngineError, ExecboxError, ImageNotFoundError, InvalidRequestError, SandboxError
+from ..exceptions import ExecboxError, InvalidRequestError
 from ..models import ExecutionRequest, ExecutionResult
 from ..node import GROUP, RUNS
 from ..queue import StreamQueue
@@ -29,11 +30,6 @@ from .errors import ApiError
 __all__ = ["Dispatcher"]
 
 GRACE = 15.0  # beyond a run's timeout: a node's liveness TTL and the hand-offs
-_ERRORS: dict[str, type[ExecboxError]] = {
-    "ImageNotFoundError": ImageNotFoundError,
-    "SandboxError": SandboxError,
-    "EngineError": EngineError,
-}
 
 
 class Dispatcher:
@@ -105,4 +101,8 @@ class Dispatcher:
         err = answer.get("error") or {}
         if err.get("type") == "InvalidRequestError":
             raise InvalidRequestError(str(err.get("field") or "request"), str(err.get("message")))
-        raise _ERRORS.get(str(err.get("type")), ExecboxError)(f"node {holder}: {err.get('message')}")
+        # The same class as the node's library raised (the service maps it to its status).
+        kind = getattr(exceptions, str(err.get("type")), None)
+        if not (isinstance(kind, type) and issubclass(kind, ExecboxError)) or kind.__init__ is not Exception.__init__:
+            kind = ExecboxError
+        raise kind(f"node {answer.get('node') or holder}: {err.get('message')}")

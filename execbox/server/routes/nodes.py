@@ -17,6 +17,7 @@ class NodeInfo(BaseModel):
     name: str = Field(description="The node's name (results carry it as `node`).")
     slots: int = Field(description="Runs it takes at once.")
     running: int = Field(description="Runs it is running now.")
+    healthy: bool = Field(True, description="Its engine answers (else it takes no work).")
     ready: dict[str, int] = Field(description="Warm sandboxes ready, by language (`+egress`: on the egress network).")
     last_seen: float = Field(description="Unix time of its last status (it refreshes it every few seconds).")
 
