@@ -170,3 +170,20 @@ def test_a_run_whose_node_dies_is_node_lost_and_the_next_goes_elsewhere(cluster:
         ok = client.post(f"{api.url}/v1/execute", json={"language": "python", "code": "print(1)"})
         assert ok.status_code == 200 and ok.json()["node"] == "node-b", ok.text
         b.stop()
+
+
+def test_an_api_replica_killed_while_another_serves(cluster: Any, tmp_path: Path, redis_url: str) -> None:
+    api, c = cluster
+    c.node("node-a")
+    eventually(lambda: c.live() == {"node-a"}, 90, what="node-a to be live")
+    url = redis_url.rsplit("/", 1)[0] + "/8"
+    other = ServeProcess(tmp_path, "api-b", None, EXECBOX_QUEUE_URL=url)
+    try:
+        eventually(lambda: _ready(other) == 200, 90, what="the second replica to be ready")
+        os.kill(api.pid, signal.SIGKILL)  # no replica holds anything another needs
+        with httpx.Client(trust_env=False, timeout=60) as client:
+            for i in range(3):
+                r = client.post(f"{other.url}/v1/execute", json={"language": "python", "code": f"print({i})"})
+                assert r.status_code == 200 and r.json()["node"] == "node-a", r.text
+    finally:
+        other.stop()
