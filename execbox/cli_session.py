@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import _api_key, _engine, _outcome_notes, _parse_env, _settings
+from .engine.base import ISOLATIONS
 from .exceptions import ExecboxError, InvalidRequestError
 from .models import check_rel_path
 
@@ -24,8 +25,11 @@ class _LocalSessions:
         from .state import open_store
 
         # One command per process: no reaper thread (each start does one reaper pass).
-        url = args.store or _settings().session_store()
-        self.sessions = Sessions(_engine(args), open_store(url), start_reaper=False, own_store=True)
+        settings = _settings()
+        url = args.store or settings.session_store()
+        self.sessions = Sessions(
+            _engine(args), open_store(url), start_reaper=False, own_store=True, isolation=settings.isolation
+        )
 
     def __enter__(self) -> Any:
         return self.sessions
@@ -64,6 +68,7 @@ def _cmd_session_new(args: argparse.Namespace) -> int:
     limits = {k: v for k, v in {"memory": args.memory, "cpus": args.cpus, "timeout": args.timeout}.items() if v}
     options: dict[str, Any] = {
         "image": args.image,
+        "isolation": args.isolation,
         "limits": limits or None,
         "idle_timeout": args.idle_timeout,
         "max_lifetime": args.max_lifetime,
@@ -200,6 +205,9 @@ def add_parser(sub: Any) -> None:
     new.add_argument("-l", "--language", default="python", help="python (default), javascript or bash")
     new.add_argument("-u", "--user", default="cli", help="the user the session is for (default: cli)")
     new.add_argument("--image", help="sandbox image or package image name")
+    new.add_argument(
+        "--isolation", choices=ISOLATIONS, help="container (runc) or gvisor (runsc); default: the service's"
+    )
     new.add_argument("-m", "--memory", help="memory limit, e.g. 512m (default 256m)")
     new.add_argument("--cpus", type=float, help="CPU cores (default 1)")
     new.add_argument("-t", "--timeout", type=float, help="default timeout per call (s)")

@@ -76,14 +76,17 @@ class SessionsMixin:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         repl: bool | None = None,
+        isolation: str | None = None,
     ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps);
+        ``isolation``: ``"container"`` or ``"gvisor"`` (default: the service's)."""
         body = _validated(
             SessionCreateRequest,
             {
                 "user_id": user_id,
                 "language": language,
                 "image": image,
+                "isolation": isolation,
                 "limits": limits,
                 "idle_timeout": idle_timeout,
                 "max_lifetime": max_lifetime,
@@ -160,14 +163,17 @@ class AsyncSessionsMixin:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         repl: bool | None = None,
+        isolation: str | None = None,
     ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps)."""
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps);
+        ``isolation``: ``"container"`` or ``"gvisor"`` (default: the service's)."""
         body = _validated(
             SessionCreateRequest,
             {
                 "user_id": user_id,
                 "language": language,
                 "image": image,
+                "isolation": isolation,
                 "limits": limits,
                 "idle_timeout": idle_timeout,
                 "max_lifetime": max_lifetime,

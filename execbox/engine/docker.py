@@ -27,6 +27,7 @@ from .base import (
     Channel,
     Engine,
     ImageInfo,
+    Isolation,
     NetworkInfo,
     ResourceInfo,
     SandboxSpec,
@@ -34,10 +35,27 @@ from .base import (
     Tmpfs,
 )
 
-__all__ = ["DockerEngine"]
+__all__ = ["RUNTIMES_FILE", "DockerEngine", "runtime_of"]
 
 log = logging.getLogger("execbox.engine.docker")
 _HEADER = struct.Struct(">BxxxI")
+
+# The Docker runtimes of each isolation, for a sandbox without network and for one on an
+# (internal) network. scripts/setup.sh registers them in /etc/docker/daemon.json from
+# docker-runtimes.json beside this module: runsc takes its network mode per runtime (its
+# default netstack refuses a container in Docker's "none" namespace), and --oci-seccomp
+# makes it apply the sandbox's seccomp profile to the program's system calls inside gVisor
+# (without it runsc ignores the profile there: ptrace and unshare succeed, measured).
+RUNTIMES_FILE = Path(__file__).with_name("docker-runtimes.json")
+_RUNTIMES: dict[Isolation, tuple[str | None, str | None]] = {
+    "container": (None, None),  # the engine's default (runc)
+    "gvisor": ("execbox-gvisor", "execbox-gvisor-net"),
+}
+
+
+def runtime_of(spec: SandboxSpec) -> str | None:
+    """The Docker runtime of ``spec`` (None: the engine's default, runc)."""
+    return _RUNTIMES[spec.isolation][spec.network is not None]
 
 
 def _connect_closing_on_failure(self: Any) -> None:
@@ -202,10 +220,23 @@ class DockerEngine(Engine):
             auto_remove=False,
             mounts=[Mount(target=path, source=name, type="volume") for name, path in spec.volumes.items()] or None,
             dns_opt=list(spec.dns_options) or None,
+            runtime=runtime_of(spec),
         )
         return host_config
 
     def create(self, spec: SandboxSpec) -> str:
+        try:
+            return self._create(spec)
+        except EngineError as exc:
+            runtime = runtime_of(spec)
+            if runtime is not None and "runtime" in str(exc).lower():
+                raise EngineError(
+                    f"isolation {spec.isolation!r} needs the Docker runtime {runtime} (runsc), which this engine"
+                    f" does not have: run scripts/setup.sh, which registers it ({exc})"
+                ) from exc
+            raise
+
+    def _create(self, spec: SandboxSpec) -> str:
         with _translate("create sandbox"):
             created = self.api.create_container(
                 image=spec.image,

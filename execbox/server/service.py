@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ..engine.base import Isolation
 from ..exceptions import ExecboxError, InvalidRequestError
 from ..executor import Executor, OutputCallback
 from ..models import ExecutionRequest, ExecutionResult, Limits
@@ -153,8 +154,17 @@ class ExecutionService:
             raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
         if request.network is not None and request.network.mode != "none" and not tenant.policy.network:
             raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
+        isolation = self.isolation(tenant, request.isolation)
         limits = self.resolve_limits(tenant, request)
-        return request.model_copy(update={"language": runtime.name, "limits": limits, "timeout": None})
+        update = {"language": runtime.name, "limits": limits, "timeout": None, "isolation": isolation}
+        return request.model_copy(update=update)
+
+    def isolation(self, tenant: Tenant, requested: Isolation | None) -> Isolation:
+        """The isolation the tenant's request runs under; 403 naming ``isolation`` if it may not use it."""
+        isolation = tenant.isolation_for(requested, self.ex.config.isolation)
+        if isolation is None:
+            raise ApiError(403, "forbidden", f"this tenant may not use isolation {requested!r}", field="isolation")
+        return isolation
 
     def resolve_limits(self, tenant: Tenant, request: ExecutionRequest) -> Limits:
         """Defaults (capped at the tenant's maximum), then the request's values, checked against that maximum."""

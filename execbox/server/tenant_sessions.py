@@ -37,6 +37,7 @@ class TenantSessions:
         # The service's defaults capped at the tenant's maximum, then the request's (checked against it).
         request = ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None)
         limits = service.resolve_limits(tenant, request)
+        isolation = service.isolation(tenant, body.isolation)
 
         def create() -> SessionInfo:
             return self.sessions.create(
@@ -49,6 +50,7 @@ class TenantSessions:
                 max_lifetime=body.max_lifetime,
                 tenant=tenant.name,
                 repl=body.repl,
+                isolation=isolation,
             )
 
         return await anyio.to_thread.run_sync(create)

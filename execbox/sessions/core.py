@@ -17,7 +17,7 @@ from ..engine.base import Engine
 from ..exceptions import InvalidRequestError, SessionNotFoundError
 from ..images import default_image
 from ..labels import owner_id
-from ..models import Limits, invalid_request, resolve_limits
+from ..models import Limits, check_isolation, invalid_request, resolve_limits
 from ..runtimes import get_runtime
 from ..state import StateStore, check_id
 from .calls import SessionsCalls
@@ -88,8 +88,11 @@ class Sessions(SessionsCalls):
         *,
         tenant: str = "default",
         repl: bool | None = None,
+        isolation: str | None = None,
     ) -> SessionInfo:
-        """Start a session for ``user_id``; SessionLimitError over a cap."""
+        """Start a session for ``user_id``; SessionLimitError over a cap.
+
+        ``isolation`` is ``"container"`` or ``"gvisor"`` (default: ``config.isolation``)."""
         self._check_open()
         check_id("tenant", tenant)
         check_id("user_id", user_id)
@@ -112,6 +115,7 @@ class Sessions(SessionsCalls):
         ):
             if not 0 < value <= most:
                 raise InvalidRequestError(field, f"must be more than 0 and at most {most:g} seconds")
+        iso = self.config.isolation if isolation is None else check_isolation(isolation)
         image_tag = self._resolve_image(image)
         now = time.time()
         rec = Record(
@@ -122,6 +126,7 @@ class Sessions(SessionsCalls):
             repl=repl,
             image=image_tag,
             limits=lim,
+            isolation=iso,
             status="creating",
             created_at=now,
             last_used_at=now,

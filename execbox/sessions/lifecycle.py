@@ -83,7 +83,7 @@ class SessionsLifecycle(SessionsBase):
         )
         # The registry owns a session's container, not this process: a restart must not orphan it.
         labels.pop(OWNER, None)
-        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, command=AGENT)
+        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, command=AGENT, isolation=rec.isolation)
         try:
             cid = self.engine.create(spec)
         except ImageNotFoundError as exc:
