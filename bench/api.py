@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/api.py [--runs 40] [--throughput-runs 80] [--duration 60] [--language python]
 
+0. Side by side (the headline): the library and the API alternate, each call paced so that
+   both warm pools are full and idle when it starts (no container creation competing with it);
+   the API's p50 and p95 over the library's, from the same minutes of the same machine.
 1. Library: ``Executor.execute`` of a one-line program, ``--runs`` times in a row (latency per call).
 2. API, one client: the same program through ``execbox serve`` (a real process on 127.0.0.1) with
    ``execbox.Client``. Overhead per request = latency seen by the client - the executor's own
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -59,6 +63,48 @@ def library(language: str, runs: int) -> list[float]:
             out.append((time.perf_counter() - t) * 1000)
             assert r.exit_code == 0, r
     return out
+
+
+def _pool_full(ready: Callable[[], float], want: float, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ready() < want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the last creation's engine work settles
+
+
+def side_by_side(url: str, language: str, runs: int) -> tuple[list[float], list[float]]:
+    """Alternating library and API calls, each with both pools full: (library ms, API ms)."""
+    code = PROGRAMS[language]
+    lib: list[float] = []
+    api: list[float] = []
+    with Executor() as ex, Client(url, trust_env=False) as c, httpx.Client(trust_env=False) as probe:
+        want = ex.config.pool_min_ready * len(ex.config.pool_languages)
+
+        def server_ready() -> float:
+            for row in probe.get(f"{url}/metrics").text.splitlines():
+                if row.startswith("execbox_pool_ready "):
+                    return float(row.split()[1])
+            return 0.0
+
+        def lib_ready() -> float:
+            stats = ex.pool_stats()
+            return float(stats.ready) if stats is not None else 0.0
+
+        def both_full() -> None:
+            _pool_full(lib_ready, want)
+            _pool_full(server_ready, want)
+
+        ex.execute(code, language=language)
+        c.execute(code, language=language)
+        for i in range(runs):
+            order = ("lib", "api") if i % 2 == 0 else ("api", "lib")
+            for kind in order:
+                both_full()
+                t = time.perf_counter()
+                r = ex.execute(code, language=language) if kind == "lib" else c.execute(code, language=language)
+                (lib if kind == "lib" else api).append((time.perf_counter() - t) * 1000)
+                assert r.exit_code == 0, r
+    return lib, api
 
 
 def start_server(concurrency: int, queue: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -157,13 +203,29 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=60.0, help="time cap (s) per concurrency level")
     p.add_argument("--language", choices=sorted(PROGRAMS), default="python")
     p.add_argument("--server-concurrency", type=int, default=4, help="EXECBOX_MAX_CONCURRENT of the server")
+    p.add_argument("--side-by-side-only", action="store_true", help="only the paced library/API comparison")
     args = p.parse_args()
 
     print(f"program: {PROGRAMS[args.language]!r} ({args.language}); {os.cpu_count()} CPUs")
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "execbox-bench-serve.log"
+    proc, url = start_server(args.server_concurrency, 256, log)
+    try:
+        a, b = side_by_side(url, args.language, args.runs)
+        print("side by side, paced (both warm pools full before each call):")
+        print(line("  library Executor.execute", a))
+        print(line("  API Client.execute", b))
+        print(
+            f"  API over library: p50 {pct(b, 50) - pct(a, 50):+.2f} ms, p95 {pct(b, 95) - pct(a, 95):+.2f} ms"
+            f"  (ratio of p50s {pct(b, 50) / pct(a, 50):.2f}x)\n"
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+    if args.side_by_side_only:
+        return 0
+
     lib = library(args.language, args.runs)
     print(line("library Executor.execute", lib))
-
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / "execbox-bench-serve.log"
     proc, url = start_server(args.server_concurrency, 256, log)
     try:
         latency, overhead = sequential(url, args.language, args.runs)

@@ -137,11 +137,35 @@ def _run_remote(args: argparse.Namespace, code: str, language: str, limits: dict
     raise ExecboxError("the service ended the stream without a result")
 
 
+def _cmd_node(args: argparse.Namespace) -> int:
+    import signal
+
+    from .node import run_node
+    from .settings import Settings
+
+    overrides = {
+        "queue_url": args.queue_url,
+        "engine_url": args.node_engine_url or args.engine_url,
+        "node_name": args.name,
+        "data_dir": args.data_dir,
+        "node_slots": args.slots,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # until the node's own handlers are set
+    return run_node(settings)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
     from .settings import Settings
 
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "tenants_file": args.tenants}
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "tenants_file": args.tenants,
+        "queue_url": args.queue_url,
+        "engine_url": args.engine_url,
+    }
     if args.no_auth:
         overrides["no_auth"] = True
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -348,7 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--tenants", type=Path, metavar="FILE", help="tenants TOML file (or $EXECBOX_TENANTS_FILE)")
     serve.add_argument("--no-auth", action="store_true", help="serve without API keys: local use on loopback only")
+    serve.add_argument(
+        "--queue-url", metavar="URL", help="run on `execbox node` workers through this Redis ($EXECBOX_QUEUE_URL)"
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    node = sub.add_parser("node", help="take runs from a cluster's queue and run them on this host's engine")
+    node.add_argument(
+        "--queue-url", metavar="URL", help="the cluster's Redis, redis://HOST:PORT/DB ($EXECBOX_QUEUE_URL)"
+    )
+    node.add_argument(
+        "--engine-url", dest="node_engine_url", metavar="URL", help="this host's engine ($EXECBOX_ENGINE_URL)"
+    )
+    node.add_argument("--name", metavar="NAME", help="the node's name ($EXECBOX_NODE_NAME; default: the host name)")
+    node.add_argument("--data-dir", metavar="DIR", help="volumes and state of this node ($EXECBOX_DATA_DIR)")
+    node.add_argument("--slots", type=int, metavar="N", help="runs taken at once ($EXECBOX_NODE_SLOTS; default 4)")
+    node.set_defaults(func=_cmd_node)
 
     images = sub.add_parser("images", help="sandbox images, and package images built from specs")
     isub = images.add_subparsers(dest="images_command", required=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,14 +22,26 @@ class _LocalSessions:
     """``execbox session`` without --server: the library on the local engine, the registry the service's."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        from .egress import EgressSettings
         from .sessions import Sessions
         from .state import open_store
 
-        # One command per process: no reaper thread (each start does one reaper pass).
+        # One command per process: no reaper thread (each start does one reaper pass). Egress as
+        # the service's (same network and port): each command re-establishes its sessions' grants.
         settings = _settings()
         url = args.store or settings.session_store()
+        egress = EgressSettings(
+            host_map=settings.proxy_host_map,
+            network_name=settings.egress_network,
+            proxy_port=settings.egress_proxy_port,
+        )
         self.sessions = Sessions(
-            _engine(args), open_store(url), start_reaper=False, own_store=True, isolation=settings.isolation
+            _engine(args),
+            open_store(url),
+            start_reaper=False,
+            own_store=True,
+            egress=egress,
+            isolation=settings.isolation,
         )
 
     def __enter__(self) -> Any:
@@ -64,6 +77,35 @@ def _session_code(args: argparse.Namespace) -> str | None:
         raise InvalidRequestError("file", f"cannot read {args.file}: {exc.strerror}") from None
 
 
+def _network_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--network``, ``--policy FILE``, ``--allow``/``--deny`` and ``--secret NAME@HOSTS`` as
+    ``network=`` and ``secrets=`` (a secret's value comes from this process's environment)."""
+    policy: dict[str, Any] = {}
+    if args.policy is not None:
+        try:
+            policy = json.loads(Path(args.policy).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError("policy", f"cannot read {args.policy} as a JSON policy: {exc}") from None
+        if not isinstance(policy, dict):
+            raise InvalidRequestError("policy", 'a JSON object: {"allow": [...], "deny": [...]}')
+    for key in ("allow", "deny"):
+        if getattr(args, key):
+            policy[key] = [*policy.get(key, []), *getattr(args, key)]
+    mode = args.network or ("proxy" if policy or args.secret else None)
+    if mode is None:
+        return {}
+    secrets: dict[str, Any] = {}
+    for item in args.secret:
+        name, sep, hosts = item.partition("@")
+        value = os.environ.get(name)
+        if not sep or not hosts:
+            raise InvalidRequestError("secret", f"{item!r}: give NAME@HOST[,HOST...]")
+        if value is None:
+            raise InvalidRequestError(f"secrets.{name}", f"set ${name} to the secret's value in this environment")
+        secrets[name] = {"value": value, "hosts": hosts.split(",")}
+    return {"network": {**policy, "mode": mode}, "secrets": secrets or None}
+
+
 def _cmd_session_new(args: argparse.Namespace) -> int:
     limits = {k: v for k, v in {"memory": args.memory, "cpus": args.cpus, "timeout": args.timeout}.items() if v}
     options: dict[str, Any] = {
@@ -73,6 +115,7 @@ def _cmd_session_new(args: argparse.Namespace) -> int:
         "idle_timeout": args.idle_timeout,
         "max_lifetime": args.max_lifetime,
         "repl": False if args.no_repl else None,
+        **_network_options(args),
     }
     with _session_backend(args) as backend:
         if args.server:
@@ -214,6 +257,19 @@ def add_parser(sub: Any) -> None:
     new.add_argument("--idle-timeout", type=float, help="end it after this many seconds unused (default 600)")
     new.add_argument("--max-lifetime", type=float, help="end it this many seconds after creation (default 3600)")
     new.add_argument("--no-repl", action="store_true", help="run each call afresh (files still persist)")
+    new.add_argument(
+        "--network", choices=("none", "proxy"), help="egress (default none; proxy with --allow/--policy/--secret)"
+    )
+    new.add_argument("--allow", action="append", default=[], metavar="HOST", help="allow a host ('*.github.com')")
+    new.add_argument("--deny", action="append", default=[], metavar="HOST", help="deny a host (wins over allow)")
+    new.add_argument("--policy", metavar="FILE", help="JSON network policy (allow, deny, redact_headers, ...)")
+    new.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME@HOSTS",
+        help="secret from $NAME, sent only to HOSTS (comma-separated); the session sees a placeholder",
+    )
     new.set_defaults(func=_cmd_session_new)
     ex = ssub.add_parser("exec", parents=[common], help="run code in a session")
     ex.add_argument("id", help="session id")

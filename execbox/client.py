@@ -66,7 +66,10 @@ def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "request"
         raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
-    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    body = req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    if req.secrets:  # model_dump masks their values
+        body["secrets"] = {name: secret.wire() for name, secret in req.secrets.items()}
+    return body
 
 
 def _read_timeout(body: dict[str, Any], slack: float) -> float:
@@ -217,7 +220,7 @@ class Client(SessionsMixin, _Base):
         """
         body = _request(code, env, language, fields)
         response = self._send("POST", "/v1/execute", _read_timeout(body, self.slack), json=body)
-        return ExecutionResult.model_validate(response.json())
+        return ExecutionResult.model_validate_json(response.content)
 
     def stream(
         self,
@@ -341,7 +344,7 @@ class AsyncClient(AsyncSessionsMixin, _Base):
     ) -> ExecutionResult:
         body = _request(code, env, language, fields)
         response = await self._send("POST", "/v1/execute", _read_timeout(body, self.slack), json=body)
-        return ExecutionResult.model_validate(response.json())
+        return ExecutionResult.model_validate_json(response.content)
 
     async def stream(
         self,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pydantic
 
-from .exceptions import InvalidRequestError
+from .models import invalid_request
 from .sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionList, SessionResult
 
 if TYPE_CHECKING:
@@ -26,10 +26,11 @@ def _validated(model: type[pydantic.BaseModel], fields: dict[str, Any]) -> dict[
     try:
         req = model.model_validate({k: v for k, v in fields.items() if v is not None})
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
-    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        raise invalid_request(exc) from None
+    body = req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    if isinstance(req, SessionCreateRequest) and req.secrets:  # model_dump masks their values
+        body["secrets"] = {name: secret.wire() for name, secret in req.secrets.items()}
+    return body
 
 
 def _session_call(
@@ -42,6 +43,33 @@ def _session_call(
     encoded = {p: c.encode() if isinstance(c, str) else c for p, c in (files or {}).items()}
     fields = {"code": code, "env": env, "timeout": timeout, "files": encoded or None, "collect": collect or None}
     return _validated(SessionExecuteRequest, fields)
+
+
+def _create_body(
+    user_id: str,
+    language: str,
+    image: str | None,
+    limits: dict[str, Any] | None,
+    idle_timeout: float | None,
+    max_lifetime: float | None,
+    repl: bool | None,
+    network: str | dict[str, Any] | None,
+    secrets: dict[str, dict[str, Any]] | None,
+    isolation: str | None = None,
+) -> dict[str, Any]:
+    fields = {
+        "user_id": user_id,
+        "language": language,
+        "image": image,
+        "limits": limits,
+        "idle_timeout": idle_timeout,
+        "max_lifetime": max_lifetime,
+        "repl": repl,
+        "network": network,
+        "secrets": secrets,
+        "isolation": isolation,
+    }
+    return _validated(SessionCreateRequest, fields)
 
 
 # Session calls: the session's own timeout is not known here, so allow for the largest.
@@ -76,22 +104,17 @@ class SessionsMixin:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         repl: bool | None = None,
+        network: str | dict[str, Any] | None = None,
+        secrets: dict[str, dict[str, Any]] | None = None,
         isolation: str | None = None,
     ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps);
-        ``isolation``: ``"container"`` or ``"gvisor"`` (default: the service's)."""
-        body = _validated(
-            SessionCreateRequest,
-            {
-                "user_id": user_id,
-                "language": language,
-                "image": image,
-                "isolation": isolation,
-                "limits": limits,
-                "idle_timeout": idle_timeout,
-                "max_lifetime": max_lifetime,
-                "repl": repl,
-            },
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
+
+        ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
+        give the session egress through the service's proxy, for every call; ``isolation``:
+        ``"container"`` or ``"gvisor"`` (default: the service's)."""
+        body = _create_body(
+            user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets, isolation
         )
         response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())
@@ -163,22 +186,17 @@ class AsyncSessionsMixin:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         repl: bool | None = None,
+        network: str | dict[str, Any] | None = None,
+        secrets: dict[str, dict[str, Any]] | None = None,
         isolation: str | None = None,
     ) -> SessionInfo:
-        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps);
-        ``isolation``: ``"container"`` or ``"gvisor"`` (default: the service's)."""
-        body = _validated(
-            SessionCreateRequest,
-            {
-                "user_id": user_id,
-                "language": language,
-                "image": image,
-                "isolation": isolation,
-                "limits": limits,
-                "idle_timeout": idle_timeout,
-                "max_lifetime": max_lifetime,
-                "repl": repl,
-            },
+        """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
+
+        ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
+        give the session egress through the service's proxy, for every call; ``isolation``:
+        ``"container"`` or ``"gvisor"`` (default: the service's)."""
+        body = _create_body(
+            user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets, isolation
         )
         response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())

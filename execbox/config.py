@@ -19,6 +19,7 @@ class ExecutorConfig(BaseModel):
     isolation: Isolation = Field(
         "container", description="Isolation of runs that name none: container (runc) or gvisor (runsc)."
     )
+    node_name: str | None = Field(None, description="This node's name on results; default: the host name.")
     default_limits: Limits = Field(default_factory=lambda: Limits())
     max_limits: Limits = Field(default_factory=lambda: DEFAULT_MAX_LIMITS)
     max_code_bytes: int = Field(1 << 20, gt=0, description="Largest accepted program source, in bytes.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ import pydantic
 from .agentlink import AgentError, CallOutput, LinkEnded, Outcome
 from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
+from .egress.manager import LazyEgress
 from .engine import open_engine
 from .engine.base import Engine, Isolation
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
@@ -74,15 +76,12 @@ class Executor:
         if config.image:  # a package image's name ("data") becomes its tag, once
             self.image = self.resolve_image(config.image)
         self.state_store = state_store
+        self.node_name = config.node_name or socket.gethostname()
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
-        self._egress_lock = threading.Lock()
+        self._egress = LazyEgress(engine, egress, proxy_host_map)
         self._warm: set[tuple[Isolation, str]] = set()  # (isolation, network) kept warm in the pool
+        self._volumes_lock = threading.Lock()
         self._volumes: VolumeManager | None = None
-        self._egress: Egress | None = egress if isinstance(egress, Egress) else None
-        self._owns_egress = self._egress is None
-        self._egress_settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
-        if proxy_host_map:
-            self._egress_settings = self._egress_settings.model_copy(update={"host_map": proxy_host_map})
         self._closed = False
         if config.sweep_on_start:
             sweep(engine)
@@ -288,6 +287,7 @@ class Executor:
                 result = self._run_in(profile, payload, exec_id, limits, on_output, keep_off_pool=True)
         result.language = runtime.name
         result.isolation = profile.isolation
+        result.node = self.node_name
         result.stdout, result.state, result.state_error, _ = extract_state(result.stdout)
         if grant is not None:
             result.network_log = self.egress.log(exec_id)
@@ -357,7 +357,7 @@ class Executor:
     @property
     def volumes(self) -> VolumeManager:
         """Per-user volumes (created on first use; needs root and a Docker engine)."""
-        with self._egress_lock:
+        with self._volumes_lock:
             if self._volumes is None:
                 from pathlib import Path
 
@@ -373,10 +373,7 @@ class Executor:
     @property
     def egress(self) -> Egress:
         """The egress subsystem (created on first use; started by its first run)."""
-        with self._egress_lock:
-            if self._egress is None:
-                self._egress = Egress(self.engine, self._egress_settings)
-            return self._egress
+        return self._egress.get()
 
     def housekeep(self) -> dict[str, int]:
         """One reaper pass: remove orphaned resources, and volumes idle past config.volume_max_idle."""
@@ -402,8 +399,7 @@ class Executor:
         for sb in self.factory.live():
             self.factory.destroy(sb)
         self.factory.retry_removals()
-        if self._owns_egress and self._egress is not None:
-            self._egress.close()
+        self._egress.close()
         if self._owns_uid_store and self.uid_store is not None:
             self.uid_store.close()
 

@@ -136,7 +136,11 @@ def invalid_request(exc: pydantic.ValidationError, prefix: str = "", default: st
 
 
 def resolve_limits(
-    defaults: Limits, maximum: Limits, requested: Limits | dict[str, Any] | None, timeout: float | None = None
+    defaults: Limits,
+    maximum: Limits,
+    requested: Limits | dict[str, Any] | None,
+    timeout: float | None = None,
+    whose: str = "the maximum",
 ) -> Limits:
     """``requested`` (and a ``timeout`` given on its own) over ``defaults``, checked against
     ``maximum``; InvalidRequestError naming ``limits.<field>`` (or ``timeout``) otherwise."""
@@ -148,7 +152,7 @@ def resolve_limits(
         limits = limits.model_copy(update={"timeout": timeout})
     for name in limits.exceeding(maximum):
         field = "timeout" if name == "timeout" and timeout is not None else f"limits.{name}"
-        raise InvalidRequestError(field, f"{getattr(limits, name)} exceeds the maximum {getattr(maximum, name)}")
+        raise InvalidRequestError(field, f"{getattr(limits, name)} exceeds {whose} {getattr(maximum, name)}")
     return limits
 
 
@@ -274,6 +278,7 @@ class ExecutionResult(RunResult):
     """What one execution produced. Timeouts and OOM kills are fields, not exceptions."""
 
     id: str = Field(description="Execution id (also in execbox's logs).")
+    node: str = Field("", description="The node (host) that ran it: its name, by default the host name.")
     sandbox_id: str = Field("", description="Id of the container that ran the code (used once, then removed).")
     state: Any = Field(None, description="The state the program handed back (its last OUTPUT_STATE: line).")
     state_error: str | None = Field(None, description="Why the handed-back state was not accepted or saved.")

@@ -337,6 +337,10 @@ class Pool:
         with self._lock:
             return len(self._ready.get(profile, ()))
 
+    def ready_by_profile(self) -> dict[Profile, int]:
+        with self._lock:
+            return {profile: len(q) for profile, q in self._ready.items() if q}
+
     def ready_ids(self) -> set[str]:
         with self._lock:
             return {sb.id for q in self._ready.values() for sb in q}

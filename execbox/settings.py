@@ -55,6 +55,15 @@ class Settings(BaseSettings):
         description='Egress upstream overrides as {"api.example.test": "127.0.0.1:8081"} (JSON in'
         " EXECBOX_PROXY_HOST_MAP): the proxy sends that hostname to that address.",
     )
+    egress_network: str = Field(
+        "execbox-egress",
+        description="Docker network of sandboxes with egress. Stable across restarts, with egress_proxy_port:"
+        " sessions with egress keep the proxy's address in their environment (two services on one engine need"
+        " different values).",
+    )
+    egress_proxy_port: int = Field(
+        3128, ge=1, le=65535, description="Port of the egress proxy on that network's gateway (stable, as above)."
+    )
     max_code_bytes: int = Field(1 << 20, gt=0, description="Largest program source; larger gives 413.")
     max_body_bytes: int = Field(8 << 20, gt=0, description="Largest request body; larger gives 413.")
 
@@ -65,8 +74,14 @@ class Settings(BaseSettings):
 
     queue_url: str | None = Field(
         None,
-        description="Redis (redis://...) holding async jobs, their queue and webhooks, shared by every replica;"
-        " default: state_url when it is a Redis URL, else jobs live in this process (one replica only).",
+        description="Redis (redis://...) of a cluster: `execbox serve` dispatches runs to `execbox node` workers"
+        " through it (and keeps async jobs there); `execbox node` takes runs from it. Unset: runs in-process, and"
+        " async jobs in state_url when it is a Redis URL, else in this process (one replica only).",
+    )
+    node_name: str | None = Field(None, description="`execbox node`: its name (on results); default: the host name.")
+    node_slots: int = Field(4, ge=1, description="`execbox node`: runs it takes at once.")
+    node_ttl: float = Field(
+        10.0, gt=0, description="`execbox node`: its liveness key's TTL; a node silent this long is lost."
     )
     job_ttl: float = Field(3600.0, gt=0, description="Seconds a finished async execution's result is kept.")
     max_jobs: int = Field(

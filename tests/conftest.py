@@ -5,7 +5,9 @@ image is a failure, never a skip."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +108,20 @@ def redis_url() -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait()
+
+
+@pytest.fixture
+def vex(engine: Engine, tmp_path: Path) -> Iterator[Executor]:
+    """An executor with per-user volumes of its own (a tenant of its own); every volume and container removed after."""
+    ex = Executor(engine=engine, pool=False, data_dir=str(tmp_path / "data"), volume_quota=16 << 20)
+    ex._test_tenant = "t" + uuid.uuid4().hex[:8]  # type: ignore[attr-defined]
+    yield ex
+    ex.close()
+    vols = ex.volumes
+    for img in (vols.root / "images").glob("*.ext4"):
+        os.utime(img, (0, 0))
+    vols.expire(0)
+    assert list((vols.root / "images").glob("*.ext4")) == []
+    assert ours(engine) == []
+
+

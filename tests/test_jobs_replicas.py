@@ -57,7 +57,7 @@ def replicas(tmp_path: Path, queue: tuple[str, redis.Redis], engine: Engine) -> 
 
     def start(name: str, **env: str) -> ServeProcess:
         base = {
-            "EXECBOX_QUEUE_URL": queue[0],
+            "EXECBOX_STATE_URL": queue[0],  # shared jobs; runs in the replicas (a queue URL would send them to nodes)
             "EXECBOX_JOB_HEARTBEAT_TTL": "3",
             "EXECBOX_ALLOW_PRIVATE_CALLBACKS": "1",
             "EXECBOX_WEBHOOK_TIMEOUT": "5",
@@ -269,7 +269,7 @@ def _pings(client: redis.Redis) -> bool:
 def test_a_redis_restart_mid_run_loses_neither_the_job_nor_its_result(replicas: Any, tmp_path: Path) -> None:
     store = DurableRedis(tmp_path).start()
     try:
-        a = replicas("a", EXECBOX_QUEUE_URL=store.url).ready()
+        a = replicas("a", EXECBOX_STATE_URL=store.url).ready()
         with a.client() as ca:
             job = submit(ca, "import time; time.sleep(3); print('survived')")
             until(lambda: status(ca, job) == "running", "the job to start")

@@ -96,3 +96,25 @@ def test_without_a_store_leases_hold_in_this_process() -> None:
     assert len({lease.uid for lease in uids}) == 64
     reg.release(uids[0])
     assert reg.lease(60).uid == uids[0].uid
+
+
+@pytest.mark.docker
+def test_sessions_of_two_registries_never_share_a_uid(engine: object, tmp_path: Path) -> None:
+    """Each registry keeps its own sessions' UIDs apart; the host's lease table keeps two registries apart."""
+    from execbox.state.sqlite import SQLiteStateStore
+    from tests.test_sessions import sessions_over
+
+    data_dir = str(tmp_path / "host")
+    stores = [SQLiteStateStore(tmp_path / f"registry-{i}.db") for i in range(2)]
+    opts = {"uid_base": 250_000, "uid_count": 16, "max_per_user": 6, "data_dir": data_dir, "start_reaper": False}
+    with sessions_over(engine, stores[0], **opts) as a, sessions_over(engine, stores[1], **opts) as b:  # type: ignore[arg-type]
+        made = [(s, s.create("alice", "bash")) for s in (a, b) for _ in range(6)]
+        uids = [s.execute(info.id, "id -u").stdout.strip() for s, info in made]
+        assert len(set(uids)) == 12, uids  # 6 + 6 of 16: without the shared lease table, almost surely a clash
+        first_sessions, first = made[0]
+        holder = first_sessions.uids.holder(int(uids[0]))
+        assert holder is not None and first.id in holder
+        first_sessions.delete(first.id)
+        assert first_sessions.uids.holder(int(uids[0])) is None  # released when the session ended
+    for s in stores:
+        s.close()

@@ -20,12 +20,10 @@ from pathlib import Path
 import pytest
 
 from execbox import Executor, InvalidRequestError
-from execbox.engine.base import Engine
 from execbox.exceptions import VolumeBusyError
 from execbox.models import ExecutionResult
 from execbox.volume_io import export_volume, import_volume
 from execbox.volumes import UID_BASE, UID_COUNT
-from tests.conftest import ours
 
 pytestmark = pytest.mark.docker
 
@@ -51,20 +49,6 @@ while time.monotonic() < end:
         pass
 print("swaps", swaps)
 """
-
-
-@pytest.fixture
-def vex(engine: Engine, tmp_path: Path) -> Iterator[Executor]:
-    ex = Executor(engine=engine, pool=False, data_dir=str(tmp_path / "data"), volume_quota=16 << 20)
-    ex._test_tenant = "t" + uuid.uuid4().hex[:8]  # type: ignore[attr-defined]
-    yield ex
-    ex.close()
-    vols = ex.volumes
-    for img in (vols.root / "images").glob("*.ext4"):
-        os.utime(img, (0, 0))
-    vols.expire(0)
-    assert list((vols.root / "images").glob("*.ext4")) == []
-    assert ours(engine) == []
 
 
 def _tenant(ex: Executor) -> str:

@@ -6,32 +6,14 @@ import io
 import os
 import tarfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from execbox import Executor, InvalidRequestError
-from execbox.engine.base import Engine
 from execbox.volumes import VolumeManager
-from tests.conftest import ours
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-def vex(engine: Engine, tmp_path: Path) -> Iterator[Executor]:
-    ex = Executor(engine=engine, pool=False, data_dir=str(tmp_path / "data"), volume_quota=16 << 20)
-    ex._test_tenant = "t" + uuid.uuid4().hex[:8]  # type: ignore[attr-defined]
-    yield ex
-    ex.close()
-    vols = ex.volumes
-    for img in (vols.root / "images").glob("*.ext4"):
-        os.utime(img, (0, 0))
-    vols.expire(0)
-    assert list((vols.root / "images").glob("*.ext4")) == []
-    assert ours(engine) == []
 
 
 def run(ex: Executor, code: str, user: str, language: str = "bash") -> tuple[str, str, int]:

@@ -9,10 +9,10 @@ from importlib import resources
 from typing import Any
 
 from ..engine.base import Engine
-from ..exceptions import InvalidRequestError
+from ..exceptions import ConfigurationError, InvalidRequestError
 from ..runtimes import WORKDIR
 from .hooks import EgressHook, load_hooks
-from .models import EgressGrant, EgressSettings, NetworkLogEntry, Secret
+from .models import BoundSecretData, EgressBinding, EgressGrant, EgressSettings, NetworkLogEntry, Secret
 from .policy import NetworkPolicy
 from .runs import BoundSecret, RunRegistry, RunState
 
@@ -68,7 +68,8 @@ class Egress:
             try:
                 self._start()
             except BaseException:
-                self._teardown()
+                # A named network may be another process's (its proxy holds the port): leave it be.
+                self._teardown(keep_network=self.settings.network_name is not None)
                 raise
             self._started = True
 
@@ -107,16 +108,17 @@ class Egress:
         }
         log.info("egress ready: network %s, proxy %s:%d", info.name, info.gateway, self.port)
 
-    def _teardown(self) -> None:
+    def _teardown(self, keep_network: bool = False) -> None:
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
-        if self._firewall is not None:
+        # A network that sandboxes are still on (live sessions, adopted by the next process)
+        # stays, and so do its firewall rules: without them its sandboxes would reach the host.
+        kept = self._network is not None and (keep_network or not self._network.remove())
+        self._network = None
+        if self._firewall is not None and not kept:
             self._firewall.remove()
-            self._firewall = None
-        if self._network is not None:
-            self._network.remove()
-            self._network = None
+        self._firewall = None
 
     def close(self) -> None:
         """Stop the proxy, remove the firewall rules and the network."""
@@ -160,18 +162,77 @@ class Egress:
             for name, s in secrets.items()
         )
         policies = (ceiling, policy) if ceiling is not None else (policy,)
+        state = RunState(
+            run_id=run_id,
+            username=username,
+            password=password,
+            policies=policies,
+            secrets=bound,
+            tenant=tenant,
+            user_id=user_id,
+            max_log=self.settings.max_log_entries,
+        )
+        self.registry.add(state)
+        return self._grant(state)
+
+    def binding(self, run_id: str) -> EgressBinding:
+        """What ``restore`` needs to serve this run again in another process (it holds the
+        secrets' real values and the run's proxy credential: store it privately)."""
+        state = self.registry.get(run_id)
+        if state is None:
+            raise KeyError(run_id)
+        return EgressBinding(
+            run_id=run_id,
+            network=self.network,
+            proxy=f"{self.gateway}:{self.port}",
+            username=state.username,
+            password=state.password,
+            policies=state.policies,
+            secrets=tuple(
+                BoundSecretData(name=b.name, placeholder=b.placeholder, value=b.value, hosts=b.hosts)
+                for b in state.secrets
+            ),
+            tenant=state.tenant,
+            user_id=state.user_id,
+        )
+
+    def restore(self, binding: EgressBinding) -> None:
+        """Serve a run prepared by another process (its sandbox lives on) under its old credential.
+
+        Raises ConfigurationError if this proxy is not where the sandbox was told it is (another
+        network name or port): its environment cannot change, so its grant cannot be restored.
+        """
+        self.start()
+        here = f"{self.gateway}:{self.port}"
+        if (binding.network, binding.proxy) != (self.network, here):
+            raise ConfigurationError(
+                f"its sandbox uses the egress proxy at {binding.proxy} on network {binding.network};"
+                f" this one is at {here} on {self.network} (give EgressSettings a stable network_name and proxy_port)"
+            )
+        current = self.registry.get(binding.run_id)
+        if current is not None and (current.username, current.password) == (binding.username, binding.password):
+            return  # already served here
+        if current is not None:
+            self.registry.pop(binding.run_id)
         self.registry.add(
             RunState(
-                run_id=run_id,
-                username=username,
-                password=password,
-                policies=policies,
-                secrets=bound,
-                tenant=tenant,
-                user_id=user_id,
+                run_id=binding.run_id,
+                username=binding.username,
+                password=binding.password,
+                policies=binding.policies,
+                secrets=tuple(BoundSecret(b.name, b.placeholder, b.value, b.hosts) for b in binding.secrets),
+                tenant=binding.tenant,
+                user_id=binding.user_id,
                 max_log=self.settings.max_log_entries,
             )
         )
+
+    def serves(self, run_id: str) -> bool:
+        """Is the run registered with this process's proxy?"""
+        return self.registry.get(run_id) is not None
+
+    def _grant(self, state: RunState) -> EgressGrant:
+        run_id, username, password, bound = state.run_id, state.username, state.password, state.secrets
         proxy = f"http://{username}:{password}@{self.gateway}:{self.port}"
         ca = f"{WORKDIR}/{CA_FILE}"
         env = {
@@ -203,6 +264,17 @@ class Egress:
         state = self.registry.get(run_id)
         return state.entries() if state is not None else []
 
+    def take_log(self, run_id: str) -> list[NetworkLogEntry]:
+        """The run's network log since the last take (or since it began), which starts afresh:
+        a session takes it after each call, so that each call sees its own entries."""
+        state = self.registry.get(run_id)
+        if state is None:
+            return []
+        entries, dropped = state.take()
+        if dropped:
+            log.warning("run %s: %d network log entries over the cap were dropped", run_id, dropped)
+        return entries
+
     def finish(self, run_id: str) -> list[NetworkLogEntry]:
         """Forget the run (its credential stops working) and return its network log."""
         state = self.registry.pop(run_id)
@@ -211,3 +283,32 @@ class Egress:
         if state.dropped:
             log.warning("run %s: %d network log entries over the cap were dropped", run_id, state.dropped)
         return state.entries()
+
+
+class LazyEgress:
+    """An ``Egress`` given by the caller (shared), or one made from settings on first use (owned:
+    closed by ``close``). What ``Executor`` and ``Sessions`` hold."""
+
+    def __init__(self, engine: Engine, egress: Egress | EgressSettings | None, host_map: dict[str, str] | None) -> None:
+        self.engine = engine
+        self._egress = egress if isinstance(egress, Egress) else None
+        self.owned = self._egress is None
+        self.settings = egress if isinstance(egress, EgressSettings) else EgressSettings()
+        if host_map:
+            self.settings = self.settings.model_copy(update={"host_map": host_map})
+        self._lock = threading.Lock()
+
+    def get(self) -> Egress:
+        with self._lock:
+            if self._egress is None:
+                self._egress = Egress(self.engine, self.settings)
+            return self._egress
+
+    @property
+    def made(self) -> Egress | None:
+        """The Egress if there is one yet (None: nothing used egress)."""
+        return self._egress
+
+    def close(self) -> None:
+        if self.owned and self._egress is not None:
+            self._egress.close()

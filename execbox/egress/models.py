@@ -8,7 +8,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-__all__ = ["DEFAULT_REDACT", "DEFAULT_STRIP", "EgressGrant", "EgressSettings", "NetworkLogEntry", "Secret"]
+from .policy import NetworkPolicy
+
+__all__ = [
+    "DEFAULT_REDACT",
+    "DEFAULT_STRIP",
+    "EgressBinding",
+    "EgressGrant",
+    "EgressSettings",
+    "NetworkLogEntry",
+    "Secret",
+]
 
 DEFAULT_REDACT = (
     "authorization",
@@ -54,6 +64,10 @@ class Secret(BaseModel):
 
     value: SecretStr
     hosts: tuple[str, ...] = Field(min_length=1, description="Host patterns the real value may be sent to.")
+
+    def wire(self) -> dict[str, Any]:
+        """As JSON for a request to the service: the real value (``model_dump`` masks it)."""
+        return {"value": self.value.get_secret_value(), "hosts": list(self.hosts)}
 
     @field_validator("value")
     @classmethod
@@ -104,6 +118,34 @@ class EgressGrant:
     # Per language, what the runtime loads before the program (set by env for a runtime started
     # for the run; a runtime started ahead of the run, in the warm pool, is told to load it).
     preloads: dict[str, str] = field(default_factory=dict)
+
+
+class BoundSecretData(BaseModel):
+    """A secret as a grant bound it: the placeholder its sandbox holds, and the real value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    placeholder: str
+    value: str = Field(repr=False)
+    hosts: tuple[str, ...]
+
+
+class EgressBinding(BaseModel):
+    """What re-establishes a grant in another process (a session's, after a restart): the proxy
+    credential its sandbox holds, its policies, its secrets (real values: keep it private)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    network: str = Field(description="The internal network the sandbox is on.")
+    proxy: str = Field(description="gateway:port of the proxy, baked into the sandbox's environment.")
+    username: str
+    password: str = Field(repr=False)
+    policies: tuple[NetworkPolicy, ...]
+    secrets: tuple[BoundSecretData, ...] = ()
+    tenant: str | None = None
+    user_id: str | None = None
 
 
 class NetworkLogEntry(BaseModel):

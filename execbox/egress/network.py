@@ -7,8 +7,10 @@ on every other address of the host, since the host's INPUT chain accepts: so exe
 adds its own chain, jumped to from INPUT for packets arriving on this bridge, that
 accepts TCP to the proxy's address and port and rejects everything else (IPv6:
 drops everything). Rules are tagged by chain name, added idempotently, and removed
-on close; after a crash they only match a bridge that no longer exists (harmless),
-and ``sweep_stale_chains`` removes them.
+on close, unless the network outlives the process (sandboxes still on it: sessions
+that the next process adopts), which keeps them guarded meanwhile; after a crash
+they only match a bridge that no longer exists (harmless), and
+``sweep_stale_chains`` removes them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from ..engine.base import Engine, NetworkInfo
 from ..exceptions import ConfigurationError, EngineError
-from ..labels import labels_for
+from ..labels import EXPIRES, OWNER, labels_for
 
 __all__ = ["CHAIN_PREFIX", "EgressNetwork", "Firewall", "NetworkInfo", "sweep_stale_chains"]
 
@@ -39,23 +41,32 @@ class EgressNetwork:
     def __init__(self, engine: Engine, name: str | None = None) -> None:
         self.engine = engine
         suffix = secrets.token_hex(4)
+        self.generated = name is None
         self.name = name or f"execbox-egress-{suffix}"
         self.bridge = BRIDGE_PREFIX + (suffix if name is None else secrets.token_hex(4))
         self.info: NetworkInfo | None = None
 
     def ensure(self) -> NetworkInfo:
-        self.info = self.engine.ensure_internal_network(
-            self.name, self.bridge, labels_for("egress-network", ttl=NETWORK_TTL)
-        )
+        labels = labels_for("egress-network", ttl=NETWORK_TTL)
+        if not self.generated:
+            # A named network outlives the process (sessions on it are adopted by the next one):
+            # neither this process's death nor an expiry makes it an orphan.
+            labels.pop(OWNER, None)
+            labels.pop(EXPIRES, None)
+        self.info = self.engine.ensure_internal_network(self.name, self.bridge, labels)
         self.bridge = self.info.bridge
         return self.info
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the network; False if it could not be (sandboxes, e.g. live sessions, are still on it)."""
         try:
             self.engine.remove_network(self.name)
         except EngineError as exc:
-            log.warning("could not remove egress network %s (the reaper will): %s", self.name, exc)
-        self.info = None
+            log.warning("could not remove egress network %s (sandboxes still on it?): %s", self.name, exc)
+            return False
+        finally:
+            self.info = None
+        return True
 
 
 def _run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

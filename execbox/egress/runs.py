@@ -67,6 +67,13 @@ class RunState:
         with self._lock:
             return list(self.log)
 
+    def take(self) -> tuple[list[NetworkLogEntry], int]:
+        """The entries so far and how many were dropped, and a fresh log."""
+        with self._lock:
+            taken, dropped = self.log, self.dropped
+            self.log, self.dropped = [], 0
+            return taken, dropped
+
 
 class RunRegistry:
     """Runs by id and by proxy credential. Thread-safe."""

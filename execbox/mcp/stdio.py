@@ -37,7 +37,7 @@ def _backend(args: argparse.Namespace) -> McpBackend:
     executor = Executor(engine, **options)
     try:
         store = open_store(args.store or _settings().session_store())
-        sessions = Sessions(engine, store, own_store=True, image=executor.image)
+        sessions = Sessions(engine, store, own_store=True, image=executor.image, egress=executor.egress)
     except BaseException:
         executor.close()
         raise

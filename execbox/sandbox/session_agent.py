@@ -5,7 +5,8 @@ time, for the whole life of a session:
 
 0. it binds the abstract Unix socket ``@execbox-session``, reports ``K`` (alive) on
    stdout and reads one ``init`` line from stdin (the attach stream of the host that
-   created the session): the session's token, its runtime, and whether it is a REPL;
+   created the session): the session's token, its runtime, whether it is a REPL, the
+   environment of every call and files to write first (egress: CA, preloads);
 1. in REPL mode it starts a worker (``session_repl.py`` or ``session_repl.js``) that keeps
    the interpreter's globals between calls, and reports ``R`` {"ok": true} once it waits;
 2. it serves requests, one JSON line each, from every authenticated connection: the
@@ -71,6 +72,8 @@ class Session:
         self.reset_pending = False
         self.calls = 0
         os.makedirs(self.workdir, exist_ok=True)
+        # The session's own files (egress: the proxy's CA, the runtimes' preloads), path -> base64.
+        agent.put_files(self.workdir, init.get("files") or {})
 
     # -- the REPL worker ------------------------------------------------------------------
 

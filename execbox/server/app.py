@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
 from ..config import ExecutorConfig
+from ..egress import EgressSettings
 from ..exceptions import ConfigurationError
 from ..executor import Executor
 from ..models import DEFAULT_MAX_LIMITS
@@ -29,7 +30,7 @@ from .logging import configure_logging
 from .mcp import mcp_route
 from .metrics import Metrics
 from .middleware import Guard
-from .routes import execute, executions, health, sessions, users
+from .routes import execute, executions, health, nodes, sessions, users
 from .service import ExecutionService
 
 __all__ = ["create_app", "serve"]
@@ -91,7 +92,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _sessions(settings: Settings, executor: Executor) -> Sessions:
-    """Sessions over the executor's engine, image and limits; the registry in the session store."""
+    """Sessions over the executor's engine, image, limits and egress; the registry in the session store."""
     url = settings.session_store()
     config = SessionsConfig(
         image=executor.image,
@@ -106,8 +107,10 @@ def _sessions(settings: Settings, executor: Executor) -> Sessions:
         idle_timeout_limit=settings.session_idle_timeout_limit,
         max_lifetime_limit=settings.session_max_lifetime_limit,
         reap_interval=settings.session_reap_interval,
+        data_dir=settings.data_dir,
     )
-    return Sessions(executor.engine, open_store(url), config, own_store=True)
+    # One egress proxy per process: the sessions share the executor's.
+    return Sessions(executor.engine, open_store(url), config, own_store=True, egress=executor.egress)
 
 
 def create_app(
@@ -152,7 +155,11 @@ def create_app(
                     settings.engine_url,
                     config=config,
                     state_store=store,
-                    proxy_host_map=settings.proxy_host_map,
+                    egress=EgressSettings(
+                        host_map=settings.proxy_host_map,
+                        network_name=settings.egress_network,
+                        proxy_port=settings.egress_proxy_port,
+                    ),
                 )
             )
         else:
@@ -163,6 +170,8 @@ def create_app(
             ex = service.ex
             service.sessions = await anyio.to_thread.run_sync(lambda: _sessions(settings, ex))
         await service.jobs.start()
+        if service.dispatcher is not None:
+            await service.dispatcher.start()
         log.info("execbox service ready", extra={"in_flight": 0})
 
         async def reaper() -> None:
@@ -189,6 +198,8 @@ def create_app(
                 await anyio.to_thread.run_sync(service.executor.close)
             if store is not None:
                 store.close()
+            if service.dispatcher is not None:
+                await service.dispatcher.close()
             log.info("execbox service stopped")
 
     app = FastAPI(title="execbox", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -201,6 +212,7 @@ def create_app(
     app.include_router(sessions.router)
     app.include_router(health.router)
     app.include_router(users.router)
+    app.include_router(nodes.router)
     app.router.routes.append(mcp_route_)  # the MCP tools, over streamable HTTP
     app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -1,4 +1,8 @@
-"""Dependencies of the routes, as ``Annotated`` aliases."""
+"""Dependencies of the routes, as ``Annotated`` aliases.
+
+All are ``async def``: they only look things up, and FastAPI runs a plain ``def``
+dependency in a worker thread (a thread hop each, per request).
+"""
 
 from __future__ import annotations
 
@@ -21,22 +25,22 @@ __all__ = ["MetricsDep", "ServiceDep", "SessionsDep", "SettingsDep", "TenantDep"
 _bearer = HTTPBearer(auto_error=False, description="An API key of a tenant: `Authorization: Bearer <key>`.")
 
 
-def _service(request: Request) -> ExecutionService:
+async def _service(request: Request) -> ExecutionService:
     service: ExecutionService = request.app.state.service
     return service
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def _sessions(request: Request) -> Sessions:
+async def _sessions(request: Request) -> Sessions:
     service: ExecutionService = request.app.state.service
     if service.sessions is None:
         if not request.app.state.settings.sessions:
@@ -45,7 +49,7 @@ def _sessions(request: Request) -> Sessions:
     return service.sessions
 
 
-def _tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+async def _tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
     tenant = request.scope.get(TENANT_SCOPE_KEY)
     if not isinstance(tenant, Tenant):
         raise ApiError(401, "unauthorized", "missing or unknown API key")

@@ -16,14 +16,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ..egress import NetworkPolicy
 from ..engine.base import Isolation
 from ..exceptions import ExecboxError, InvalidRequestError
 from ..executor import Executor, OutputCallback
-from ..models import ExecutionRequest, ExecutionResult, Limits
-from ..runtimes import get_runtime
+from ..models import ExecutionRequest, ExecutionResult, Limits, resolve_limits
+from ..runtimes import Runtime, get_runtime
 from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
+from .dispatch import Dispatcher
 from .errors import ApiError, from_library
 from .jobs import JobBackend, JobLimit, LocalJobs, Outcome
 from .logging import bind
@@ -68,6 +70,8 @@ class ExecutionService:
             backoff=settings.webhook_backoff,
         )
         self.jobs: JobBackend = self._job_backend()
+        # With a queue URL, runs go to `execbox node` workers (dispatch.py) instead of this process.
+        self.dispatcher: Dispatcher | None = Dispatcher(settings.queue_url) if settings.queue_url else None
         self.accepting = True
         self._threads = anyio.CapacityLimiter(settings.max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -147,13 +151,7 @@ class ExecutionService:
                 field="code",
                 reason="too_large",
             )
-        runtime = get_runtime(request.language)
-        if runtime.name not in tenant.policy.languages:
-            raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
-        if request.image is not None and not tenant.image_allowed(request.image, self.ex.image):
-            raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
-        if request.network is not None and request.network.mode != "none" and not tenant.policy.network:
-            raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
+        runtime = self.permit(tenant, request.language, request.image, request.network)
         isolation = self.isolation(tenant, request.isolation)
         limits = self.resolve_limits(tenant, request)
         update = {"language": runtime.name, "limits": limits, "timeout": None, "isolation": isolation}
@@ -166,18 +164,22 @@ class ExecutionService:
             raise ApiError(403, "forbidden", f"this tenant may not use isolation {requested!r}", field="isolation")
         return isolation
 
+    def permit(self, tenant: Tenant, language: str, image: str | None, network: NetworkPolicy | None) -> Runtime:
+        """The runtime of ``language`` if the tenant may use it, that image and that network; else a 403."""
+        runtime = get_runtime(language)
+        if runtime.name not in tenant.policy.languages:
+            raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
+        if image is not None and not tenant.image_allowed(image, self.ex.image):
+            raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
+        if network is not None and network.mode != "none" and not tenant.policy.network:
+            raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
+        return runtime
+
     def resolve_limits(self, tenant: Tenant, request: ExecutionRequest) -> Limits:
         """Defaults (capped at the tenant's maximum), then the request's values, checked against that maximum."""
         cap, defaults = tenant.max_limits, self.ex.config.default_limits
         base = Limits(**{k: min(getattr(defaults, k), getattr(cap, k)) for k in Limits.model_fields})
-        limits = base.merged(request.limits)
-        if request.timeout is not None:
-            limits = limits.model_copy(update={"timeout": request.timeout})
-        for name in limits.exceeding(cap):
-            field = "timeout" if name == "timeout" and request.timeout is not None else f"limits.{name}"
-            raise InvalidRequestError(
-                field, f"{getattr(limits, name)} exceeds this tenant's maximum {getattr(cap, name)}"
-            )
+        limits = resolve_limits(base, cap, request.limits, request.timeout, whose="this tenant's maximum")
         # Every field explicitly set, so that the executor's own defaults do not apply again.
         return Limits(**limits.model_dump())
 
@@ -228,10 +230,13 @@ class ExecutionService:
         started = time.monotonic()
         outcome = "failed"
         try:
-            call = functools.partial(
-                executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress
-            )
-            result = await anyio.to_thread.run_sync(call, limiter=self._threads)
+            if self.dispatcher is not None:  # output is not streamed from nodes (yet): the result only
+                result = await self.dispatcher.run(tenant.name, request, tenant.policy.egress)
+            else:
+                call = functools.partial(
+                    executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress
+                )
+                result = await anyio.to_thread.run_sync(call, limiter=self._threads)
             bind(execution_id=result.id)  # for the request's access log line
             outcome = outcome_of(result)
             return result

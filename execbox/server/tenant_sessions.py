@@ -12,7 +12,6 @@ import anyio.to_thread
 from ..exceptions import InvalidRequestError
 from ..executor import OutputCallback
 from ..models import ExecutionRequest
-from ..runtimes import get_runtime
 from ..sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionResult, Sessions
 from .auth import Tenant
 from .errors import ApiError
@@ -29,11 +28,7 @@ class TenantSessions:
 
     async def create(self, body: SessionCreateRequest) -> SessionInfo:
         tenant, service = self.tenant, self.service
-        runtime = get_runtime(body.language)
-        if runtime.name not in tenant.policy.languages:
-            raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
-        if body.image is not None and not tenant.image_allowed(body.image, service.ex.image):
-            raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
+        runtime = service.permit(tenant, body.language, body.image, body.network)
         # The service's defaults capped at the tenant's maximum, then the request's (checked against it).
         request = ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None)
         limits = service.resolve_limits(tenant, request)
@@ -50,6 +45,8 @@ class TenantSessions:
                 max_lifetime=body.max_lifetime,
                 tenant=tenant.name,
                 repl=body.repl,
+                secrets=body.secrets,
+                network_ceiling=tenant.policy.egress,
                 isolation=isolation,
             )
 

@@ -81,6 +81,10 @@ class SessionsCalls(SessionsLifecycle):
     ) -> SessionResult:
         if rec.status != "ready" or rec.container_id is None:
             raise SessionBusyError(f"session {rec.id} is still being created")
+        lost = self._restore_grant(rec)  # adopted by this process: its proxy must serve the session
+        if lost is not None:
+            self._end(rec, lost)
+            raise SessionNotFoundError(f"session {rec.id} ended: {lost}")
         rec.calls += 1
         rec.last_used_at = time.time()
         if not self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"):
@@ -95,8 +99,10 @@ class SessionsCalls(SessionsLifecycle):
             self._end(rec, "its agent does not answer")
             raise SessionNotFoundError(f"session {rec.id} ended: its container stopped answering") from None
         link.in_use = True
+        self._take_log(rec)  # requests made between calls belong to none
         try:
             result = self._call(rec, link, req, timeout, started, on_output)
+            result.network_log = self._take_log(rec)
         finally:
             link.in_use = False
             with self._lock:

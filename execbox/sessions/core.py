@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
+import secrets as _secrets
 import threading
 import time
 from typing import Any
 
 import pydantic
 
-from ..egress.policy import NetworkPolicy
+from ..egress import Egress, EgressSettings, NetworkPolicy, Secret
 from ..engine import open_engine
 from ..engine.base import Engine
 from ..exceptions import InvalidRequestError, SessionNotFoundError
@@ -20,8 +20,10 @@ from ..labels import owner_id
 from ..models import Limits, check_isolation, invalid_request, resolve_limits
 from ..runtimes import get_runtime
 from ..state import StateStore, check_id
+from ..uids import UidRegistry, host_store
 from .calls import SessionsCalls
 from .models import RECORD_KIND, REPL_ARGV, Record, SessionInfo, SessionsConfig
+from .network import network_request
 from .registry import default_store
 
 __all__ = ["Sessions"]
@@ -37,6 +39,10 @@ class Sessions(SessionsCalls):
     ``close()`` stops the reaper; the sessions themselves live on for the next
     ``Sessions`` over the same store (``close(end_sessions=True)`` ends them). The
     store is closed with it if it was made here (no ``store``) or ``own_store`` says so.
+
+    ``egress`` (an ``Egress`` to share, e.g. an ``Executor``'s, or ``EgressSettings``) and
+    ``proxy_host_map`` are as for ``Executor``; sessions adopted after a restart keep their
+    egress only if the proxy's ``network_name`` and ``proxy_port`` are the same as before.
     """
 
     def __init__(
@@ -47,6 +53,8 @@ class Sessions(SessionsCalls):
         *,
         start_reaper: bool = True,
         own_store: bool = False,
+        egress: Egress | EgressSettings | None = None,
+        proxy_host_map: dict[str, str] | None = None,
         **options: Any,
     ) -> None:
         if config is None:
@@ -67,9 +75,11 @@ class Sessions(SessionsCalls):
         self._links = {}
         self._lock = threading.Lock()
         self._rand = random.Random()
+        self.uids = UidRegistry(host_store(config.data_dir), config.uid_base, config.uid_count)
         self._closed = False
         self._stop = threading.Event()
         self._counts = {"created": 0, "ended": 0}  # by this object, since it was made
+        self._init_egress(egress, proxy_host_map)
         self.reap()  # adopt what lives, remove what the registry does not know
         self._reaper: threading.Thread | None = None
         if start_reaper:
@@ -82,17 +92,23 @@ class Sessions(SessionsCalls):
         language: str = "python",
         image: str | None = None,
         limits: Limits | dict[str, Any] | None = None,
-        network: str | NetworkPolicy | None = None,
+        network: str | NetworkPolicy | dict[str, Any] | None = None,
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         *,
         tenant: str = "default",
         repl: bool | None = None,
+        secrets: dict[str, Secret] | dict[str, dict[str, Any]] | None = None,
+        network_ceiling: NetworkPolicy | None = None,
         isolation: str | None = None,
     ) -> SessionInfo:
         """Start a session for ``user_id``; SessionLimitError over a cap.
 
-        ``isolation`` is ``"container"`` or ``"gvisor"`` (default: ``config.isolation``)."""
+        ``network`` ("none", "proxy", a ``NetworkPolicy`` or its dict) and ``secrets`` are as
+        for an execution, for every call of the session; ``network_ceiling`` (a tenant's
+        policy) caps the session's policy: a request must be allowed by both. ``isolation`` is
+        ``"container"`` or ``"gvisor"`` (default: ``config.isolation``).
+        """
         self._check_open()
         check_id("tenant", tenant)
         check_id("user_id", user_id)
@@ -101,10 +117,7 @@ class Sessions(SessionsCalls):
             repl = runtime.name in REPL_ARGV
         elif repl and runtime.name not in REPL_ARGV:
             raise InvalidRequestError("repl", f"{runtime.name} sessions run each call afresh: use repl=false")
-        mode = network.mode if isinstance(network, NetworkPolicy) else network
-        if mode not in (None, "none"):
-            # Egress grants are per process (proxy credentials, network): a session would lose them on restart.
-            raise InvalidRequestError("network", "sessions have no network (only 'none'); use executions for egress")
+        policy, secret_values = network_request(network, secrets)
         lim = self._limits(limits)
         cfg = self.config
         idle = cfg.idle_timeout if idle_timeout is None else float(idle_timeout)
@@ -119,7 +132,7 @@ class Sessions(SessionsCalls):
         image_tag = self._resolve_image(image)
         now = time.time()
         rec = Record(
-            id="ses_" + secrets.token_hex(12),
+            id="ses_" + _secrets.token_hex(12),
             tenant=tenant,
             user_id=user_id,
             language=runtime.name,
@@ -133,13 +146,14 @@ class Sessions(SessionsCalls):
             idle_timeout=idle,
             max_lifetime=life,
             uid=0,
-            token=secrets.token_urlsafe(24),
+            token=_secrets.token_urlsafe(24),
             registry=self.registry_id,
             creator=owner_id(),
         )
         self._reserve(rec)
         try:
-            link = self._start(rec)
+            grant = None if policy is None else self._grant(rec, policy, secret_values, network_ceiling)
+            link = self._start(rec, grant)
         except BaseException:
             self._end(rec, "its creation failed")
             raise
@@ -203,8 +217,11 @@ class Sessions(SessionsCalls):
         for link in links:
             if not link.in_use:
                 link.close()
+        self._close_egress()
         if self._owns_store:
             self.store.close()
+        if self.uids.store is not None:
+            self.uids.store.close()
 
     def __enter__(self) -> Sessions:
         return self

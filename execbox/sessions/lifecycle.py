@@ -3,11 +3,13 @@ limits enforced by the reaper, registry and engine reconciled, and its end."""
 
 from __future__ import annotations
 
+import base64
 import builtins
 import logging
 import threading
 import time
 
+from ..egress import EgressGrant
 from ..exceptions import EngineError, ImageNotFoundError, InvalidRequestError, SandboxError
 from ..hardening import WORKDIR, sandbox_spec
 from ..labels import KIND, OWNER, labels_for, owner_alive
@@ -26,14 +28,14 @@ from .models import (
     TENANT_LABEL,
     Record,
 )
-from .registry import SessionsBase
+from .network import SessionsNetwork
 
 __all__ = ["SessionsLifecycle"]
 
 log = logging.getLogger("execbox.sessions")
 
 
-class SessionsLifecycle(SessionsBase):
+class SessionsLifecycle(SessionsNetwork):
     _stop: threading.Event
 
     def reap(self) -> builtins.list[str]:
@@ -71,10 +73,16 @@ class SessionsLifecycle(SessionsBase):
             else:
                 self._end(rec, reason)
             ended.append(rec.id)
+        # Sessions with egress that this process adopted: their grants, re-established here.
+        egress = [r for r in records.values() if r.egress is not None and r.id not in ended]
+        for rec, reason in self._restore_grants(egress):
+            self._end(rec, reason)
+            ended.append(rec.id)
         return ended
 
-    def _start(self, rec: Record) -> SessionLink:
-        """Create, attach, start the container; wait for the agent; send it the session's setup."""
+    def _start(self, rec: Record, grant: EgressGrant | None = None) -> SessionLink:
+        """Create, attach, start the container; wait for the agent; send it the session's setup
+        (with ``grant``: on the egress network, the grant's environment and files for every call)."""
         runtime = get_runtime(rec.language)
         labels = labels_for(
             RECORD_KIND,
@@ -83,7 +91,11 @@ class SessionsLifecycle(SessionsBase):
         )
         # The registry owns a session's container, not this process: a restart must not orphan it.
         labels.pop(OWNER, None)
-        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, command=AGENT, isolation=rec.isolation)
+        network = grant.network if grant is not None else None
+        files = grant.files if grant is not None else {}
+        spec = sandbox_spec(
+            rec.limits, rec.image, rec.uid, labels, network=network, command=AGENT, isolation=rec.isolation
+        )
         try:
             cid = self.engine.create(spec)
         except ImageNotFoundError as exc:
@@ -101,7 +113,8 @@ class SessionsLifecycle(SessionsBase):
                     "repl": rec.repl,
                     "repl_argv": list(REPL_ARGV.get(rec.language, ())),
                     "run": {"argv": list(runtime.argv), "filename": runtime.filename},
-                    "env": runtime.environment({}),
+                    "env": runtime.environment(grant.env if grant is not None else {}),
+                    "files": {p: base64.b64encode(text.encode()).decode() for p, text in files.items()},
                     "workdir": WORKDIR,
                     "interrupt_grace": self.config.interrupt_grace,
                 }
@@ -179,8 +192,10 @@ class SessionsLifecycle(SessionsBase):
             for res in self.engine.list_resources(f"{SESSION_LABEL}={rec.id}"):
                 if res.kind == "container":
                     cid = res.id
-        if cid is not None:
-            self._remove_container(cid)
+        removed = cid is None or self._remove_container(cid)
+        self._release_grant(rec)
+        if removed:  # else its lease runs out with the record's TTL, after the reaper removed the container
+            self._release_uid(rec)
         log.info("session %s ended: %s", rec.id, reason, extra={"session_id": rec.id, "tenant": rec.tenant})
 
     def _still_running(self, cid: str) -> bool:
@@ -203,11 +218,13 @@ class SessionsLifecycle(SessionsBase):
         if not link.in_use:
             link.close()
 
-    def _remove_container(self, cid: str) -> None:
+    def _remove_container(self, cid: str) -> bool:
         try:
             self.engine.remove(cid)
+            return True
         except Exception:
             log.warning("could not remove session container %s; a later pass will", cid[:12], exc_info=True)
+            return False
 
     def _check_open(self) -> None:
         if self._closed:

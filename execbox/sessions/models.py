@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from ..egress.models import EgressBinding, NetworkLogEntry, Secret
 from ..egress.policy import NetworkPolicy
 from ..engine.base import Isolation
 from ..images import SANDBOX_DIR
@@ -78,6 +79,10 @@ class SessionsConfig(BaseModel):
         200_000, ge=1000, description="First UID of session containers (apart from ephemeral runs' 100000+)."
     )
     uid_count: int = Field(100_000, ge=16)
+    data_dir: str = Field(
+        "/var/lib/execbox",
+        description="Where this host's UID lease table lives (uids.db), shared with runs and volumes.",
+    )
 
 
 class SessionCreateRequest(BaseModel):
@@ -97,7 +102,14 @@ class SessionCreateRequest(BaseModel):
     )
     limits: Limits | None = Field(None, description="Limits of the session's container; timeout is per call.")
     network: NetworkPolicy | None = Field(
-        None, description="Sessions have no network: only 'none' (or a policy with mode 'none') is accepted."
+        None,
+        description="Egress: none by default (no network at all). mode='proxy' puts the session behind the egress"
+        " proxy with this policy (allow/deny host patterns, deny wins, default deny), for every call.",
+    )
+    secrets: dict[str, Secret] = Field(
+        default_factory=dict,
+        description="Secrets the session never sees: env var NAME holds a placeholder that the proxy replaces"
+        " with the real value only on requests to the secret's hosts (needs network mode 'proxy').",
     )
     idle_timeout: float | None = Field(None, gt=0, description="Seconds unused after which the session ends.")
     max_lifetime: float | None = Field(None, gt=0, description="Seconds after creation at which the session ends.")
@@ -116,9 +128,9 @@ class SessionCreateRequest(BaseModel):
     @classmethod
     def _network(cls, v: Any) -> Any:
         if isinstance(v, str):
-            if v != "none":
-                raise ValueError("sessions have no network: only 'none'")
-            return {"mode": "none"}
+            if v not in ("none", "proxy"):
+                raise ValueError("'none', 'proxy' or a policy")
+            return {"mode": v}
         return v
 
 
@@ -180,7 +192,8 @@ class SessionInfo(BaseModel):
     image: str = Field(description="Image of the session's container.")
     isolation: Isolation = Field("container", description="Isolation of the session: container or gvisor.")
     limits: Limits = Field(description="Limits of the session's container (timeout: the default per call).")
-    network: str = Field("none", description="Network of the session (none).")
+    network: Literal["none", "proxy"] = Field("none", description="none, or proxy (egress through the proxy).")
+    network_policy: NetworkPolicy | None = Field(None, description="The session's own egress policy (proxy).")
     status: Literal["creating", "ready"] = Field(description="creating while its container starts, then ready.")
     created_at: float = Field(description="Unix time of creation.")
     last_used_at: float = Field(description="Unix time the last call ended (or creation).")
@@ -222,6 +235,9 @@ class SessionResult(BaseModel):
         " kill, exit()): variables and imports of earlier calls are gone; files in /work stay.",
     )
     session_ended: bool = Field(False, description="The session is over (its container died or stopped answering).")
+    network_log: list[NetworkLogEntry] = Field(
+        default_factory=list, description="Requests this call made through the egress proxy (headers redacted)."
+    )
 
 
 class Record(BaseModel):
@@ -235,7 +251,11 @@ class Record(BaseModel):
     image: str
     limits: Limits
     isolation: Isolation = "container"  # records made before isolations existed were runc
-    network: str = "none"
+    network: Literal["none", "proxy"] = "none"
+    policy: NetworkPolicy | None = None
+    # What re-establishes its egress grant after a restart: the secrets' real values and the
+    # proxy credential are in here (the registry must be private).
+    egress: EgressBinding | None = Field(None, repr=False)
     status: Literal["creating", "ready"]
     created_at: float
     last_used_at: float
@@ -284,4 +304,5 @@ class Record(BaseModel):
                 }
             ),
             expires_at=self.expires_at(),
+            network_policy=self.policy,
         )

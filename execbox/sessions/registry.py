@@ -16,6 +16,7 @@ import pydantic
 from ..engine.base import Engine
 from ..exceptions import ConfigurationError, SessionBusyError, SessionLimitError, SessionNotFoundError
 from ..state import StateBusyError, StateStore
+from ..uids import UidLease, UidRegistry
 from .link import SessionLink
 from .models import ID_RE, LOCKS, RECORD_KIND, Record, SessionsConfig
 
@@ -28,6 +29,11 @@ def default_store() -> StateStore:
     from ..state.sqlite import SQLiteStateStore
 
     return SQLiteStateStore(Path.home() / ".local" / "share" / "execbox" / "sessions.db")
+
+
+def _holder(rec: Record) -> str:
+    """The holder of a session's UID lease."""
+    return f"session:{rec.registry}/{rec.key}"
 
 
 class SessionsBase:
@@ -43,6 +49,11 @@ class SessionsBase:
     _rand: random.Random
     _closed: bool
     _counts: dict[str, int]
+    uids: UidRegistry
+
+    def _release_uid(self, rec: Record) -> None:
+        if rec.uid:
+            self.uids.release(UidLease(rec.uid, _holder(rec)))
 
     def _registry_id(self) -> str:
         """This store's registry id (made once): labels tie containers to their registry."""
@@ -107,11 +118,13 @@ class SessionsBase:
                         "total",
                         retry_after=self._retry_after(live, None),
                     )
+                # Unique among the registry's live sessions, and leased on this host (runs, volumes and
+                # other registries' sessions lease there too): no live holder shares a session's UID.
                 used = {r.uid for r in live}
                 rec.uid = next(
                     uid
                     for uid in iter(lambda: cfg.uid_base + self._rand.randrange(cfg.uid_count), None)
-                    if uid not in used
+                    if uid not in used and self.uids.claim(uid, _holder(rec), rec.record_ttl())
                 )
                 if not self.store.put_record(
                     RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "create"

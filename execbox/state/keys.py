@@ -43,3 +43,19 @@ def job_key(tenant: str, job_id: str) -> str:
 def pending_key(tenant: str | None) -> str:
     """Unfinished jobs of one tenant, or of every tenant (None)."""
     return f"{PENDING}{tenant}" if tenant is not None else f"{PENDING}*all"
+
+NODE = PREFIX + "node:"  # string JSON: a node's status (ready sandboxes, running), TTL = node ttl (its liveness)
+RUN = PREFIX + "run:"  # string: the node that took a dispatched run, TTL = the run's deadline
+REPLY = PREFIX + "reply:"  # list: a dispatched run's answer (one JSON item), TTL = a minute
+
+
+def node_key(name: str) -> str:
+    return f"{NODE}{name}"
+
+
+def run_key(run_id: str) -> str:
+    return f"{RUN}{run_id}"
+
+
+def reply_key(run_id: str) -> str:
+    return f"{REPLY}{run_id}"

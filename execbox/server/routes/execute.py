@@ -6,7 +6,7 @@ import logging
 from typing import Annotated, Any
 
 import pydantic
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from ...models import ExecutionRequest, ExecutionResult
 from ..deps import ServiceDep, TenantDep
@@ -42,9 +42,12 @@ async def execute(
     if wants_stream(stream, request.headers.get("accept")):
         return stream_events(service, lambda on_output: service.run(tenant, prepared, on_output), admission.release)
     try:
-        return await service.run(tenant, prepared)
+        result = await service.run(tenant, prepared)
     finally:
         admission.release()
+    # Serialized once, here: returned as a model, FastAPI would validate it again against
+    # the response model and encode it twice (the schema in the docs is the same).
+    return Response(result.model_dump_json(), media_type="application/json")
 
 
 @router.post(

@@ -35,7 +35,13 @@ async def healthz() -> Health:
 async def readyz(service: ServiceDep) -> JSONResponse:
     checks: dict[str, str] = {}
     executor = service.executor
-    if executor is None:
+    if service.dispatcher is not None:  # runs go to nodes: ready while one is live
+        try:
+            live = await service.dispatcher.nodes()
+            checks["nodes"] = "ok" if live else "no live node"
+        except Exception as exc:  # Redis down: not ready
+            checks["nodes"] = f"queue unavailable: {exc}"
+    elif executor is None:
         checks["executor"] = "starting"
     else:
         try:

@@ -1,0 +1,156 @@
+"""What dispatching runs to nodes costs: one API replica in-process vs the same API with runs on
+`execbox node` workers over Redis, side by side; and how runs spread over the nodes.
+
+    .venv/bin/python bench/cluster.py [--runs 40] [--nodes 2] [--redis redis://127.0.0.1:6399/7]
+
+Real processes on this machine: `execbox serve` (in-process runs), `execbox serve --queue-url`
+and N `execbox node` on the same Docker Engine, one Redis. Each call is paced: the warm pools
+are full before it starts. Prints p50/p95 of both and the dispatch overhead. On 2 cores more
+nodes cannot add throughput (they share the CPU): what a node costs per run here, and the
+Redis operations per run, give the model in the README. Loopback only; bounded in count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import redis
+
+CODE = {"language": "python", "code": "print(1)"}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[max(0, min(len(xs) - 1, round(p / 100 * (len(xs) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EXECBOX_")}
+    with log.open("wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "execbox.cli", *args], env=base | env, stdout=fh, stderr=fh)
+
+
+def wait_ready(url: str, limit: float = 90) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not become ready")
+
+
+def pool_ready(client: httpx.Client, url: str) -> float:
+    for row in client.get(f"{url}/metrics").text.splitlines():
+        if row.startswith("execbox_pool_ready "):
+            return float(row.split()[1])
+    return 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--redis", default="redis://127.0.0.1:6399/7")
+    args = p.parse_args()
+    runs, n_nodes = min(args.runs, 500), min(args.nodes, 4)
+    r = redis.Redis.from_url(args.redis)
+    r.flushdb()
+    tmp = Path(tempfile.mkdtemp(prefix="execbox-bench-cluster-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        single_url, cluster_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+        procs.append(
+            spawn(
+                ["serve", "--no-auth", "--port", single_url.rsplit(":", 1)[1]],
+                {"EXECBOX_DATA_DIR": str(tmp / "single"), "EXECBOX_LOG_LEVEL": "warning"},
+                tmp / "single.log",
+            )
+        )
+        procs.append(
+            spawn(
+                ["serve", "--no-auth", "--port", cluster_url.rsplit(":", 1)[1], "--queue-url", args.redis],
+                {"EXECBOX_DATA_DIR": str(tmp / "api"), "EXECBOX_LOG_LEVEL": "warning", "EXECBOX_POOL_MIN_READY": "0"},
+                tmp / "api.log",
+            )
+        )
+        for i in range(n_nodes):
+            procs.append(
+                spawn(
+                    ["node", "--queue-url", args.redis, "--name", f"n{i}", "--data-dir", str(tmp / f"n{i}")],
+                    {"EXECBOX_LOG_LEVEL": "warning"},
+                    tmp / f"n{i}.log",
+                )
+            )
+        wait_ready(single_url)
+        wait_ready(cluster_url)
+        single, cluster, nodes = [], [], Counter[str]()
+        with httpx.Client(trust_env=False, timeout=60) as c:
+            want_single = 4.0  # 2 languages x pool_min_ready 2
+
+            def paced(url: str) -> float:
+                deadline = time.monotonic() + 30
+                if url == single_url:
+                    while pool_ready(c, url) < want_single and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                else:  # every node's pools full
+                    import json
+
+                    while time.monotonic() < deadline:
+                        infos = [json.loads(v) for v in r.mget(r.keys("execbox:node:*")) if v]
+                        if len(infos) == n_nodes and all(sum(i["ready"].values()) >= 4 for i in infos):
+                            break
+                        time.sleep(0.01)
+                time.sleep(0.05)
+                t = time.perf_counter()
+                resp = c.post(f"{url}/v1/execute", json=CODE)
+                ms = (time.perf_counter() - t) * 1000
+                assert resp.status_code == 200, resp.text
+                nodes[resp.json()["node"]] += url == cluster_url
+                return ms
+
+            paced(single_url)
+            paced(cluster_url)
+            for i in range(runs):
+                for url in (single_url, cluster_url) if i % 2 == 0 else (cluster_url, single_url):
+                    (single if url == single_url else cluster).append(paced(url))
+        print(f"python print(1), paced, {runs} each; {n_nodes} nodes on this machine's engine; {os.cpu_count()} CPUs")
+        print(f"  single host (runs in the API)  p50 {pct(single, 50):7.2f} ms   p95 {pct(single, 95):7.2f} ms")
+        print(f"  API -> node over Redis         p50 {pct(cluster, 50):7.2f} ms   p95 {pct(cluster, 95):7.2f} ms")
+        print(
+            f"  dispatch overhead: p50 {pct(cluster, 50) - pct(single, 50):+.2f} ms, "
+            f"p95 {pct(cluster, 95) - pct(single, 95):+.2f} ms"
+        )
+        print(f"  spread over nodes: {dict(sorted((k, v) for k, v in nodes.items() if v))}")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        r.flushdb()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
