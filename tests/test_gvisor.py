@@ -184,3 +184,33 @@ def test_cli_isolation_flag() -> None:
     assert r.returncode == 0 and body["isolation"] == "gvisor" and body["stdout"].strip() != HOST_KERNEL
     r = subprocess.run([CLI, "run", "-l", "bash", "-c", "true", "--isolation", "kata"], capture_output=True, text=True)
     assert r.returncode == 2 and "isolation" in r.stderr
+
+
+def test_a_session_with_egress(engine: Engine, tmp_path: Path) -> None:
+    from execbox.egress import Egress
+
+    from .egress_support import PLAIN_HOST, start_upstream
+    from .test_sessions import end_all
+    from .test_sessions_egress import FETCH, egress_settings
+
+    upstream = start_upstream()
+    store = SQLiteStateStore(tmp_path / "registry.db")
+    egress = Egress(engine, egress_settings(upstream))
+    try:
+        with Sessions(engine, store, egress=egress) as sessions:
+            s = sessions.create("alice", "python", network={"mode": "proxy", "allow": [PLAIN_HOST]}, isolation="gvisor")
+            assert sessions.execute(s.id, FETCH + "import os").exit_code == 0
+            r = sessions.execute(
+                s.id,
+                "print(get('http://plain.example.test/g')[0], get('http://other.example.test/x')[0],"
+                " os.uname().release)",
+            )
+            ok, denied, kernel = r.stdout.split()
+            assert (ok, denied, r.isolation) == ("200", "403", "gvisor") and kernel != HOST_KERNEL, r.stderr
+            assert [e.decision for e in r.network_log] == ["allowed", "denied"]
+    finally:
+        left = end_all(engine, store)
+        egress.close()
+        store.close()
+        upstream.close()
+    assert not left
