@@ -1,10 +1,13 @@
 """Latency and throughput of fresh-container runs: the floor, execbox with and without
-the warm pool, and plain docker-py create/start/wait/remove, in one process.
+the warm pool, and plain docker-py create/start/wait/remove (``docker run
+--runtime=...``), per isolation, in one process.
 
     .venv/bin/python bench/latency.py [--runs 100] [--seconds 20] [--clients 4]
+                                      [--isolations container,gvisor]
 
-Prints p50/p95 per mode and language, the ratios the pool issue asks for, then
-sustained throughput with N concurrent clients. Not part of the test suite.
+Prints p50/p95 per isolation, mode and language, the ratios the pool and gVisor issues
+ask for, then sustained throughput with N concurrent clients (runc). Not part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -59,8 +62,14 @@ def export_rootfs(api: docker.APIClient, image: str, dest: Path) -> None:
         api.remove_container(cid, force=True)
 
 
-def plain_docker_run(api: docker.APIClient, image: str, cmd: list[str]) -> None:
-    cid = api.create_container(image, cmd, labels={"execbox.managed": "1", "execbox.kind": "bench"})["Id"]
+# What a plain `docker run --runtime=R` of each isolation uses (default network: the bridge).
+PLAIN_RUNTIME = {"container": None, "gvisor": "execbox-gvisor-hostnet"}
+
+
+def plain_docker_run(api: docker.APIClient, image: str, cmd: list[str], runtime: str | None = None) -> None:
+    labels = {"execbox.managed": "1", "execbox.kind": "bench"}
+    host_config = api.create_host_config(runtime=runtime)
+    cid = api.create_container(image, cmd, labels=labels, host_config=host_config)["Id"]
     try:
         api.start(cid)
         api.wait(cid)
@@ -97,11 +106,33 @@ def sustained(fn: Callable[[], object], clients: int, seconds: float) -> tuple[f
     return len(lat) / (time.monotonic() - t0), lat
 
 
+def pooled_runs(warm: Executor, code: str, lang: str, isolation: str, runs: int, floor: float) -> float:
+    """Low load: each request comes once the pool has its sandboxes ready again."""
+    assert warm.pool is not None
+    profile = Profile.of(get_runtime(lang), warm.image, warm.config.default_limits, isolation=isolation)  # type: ignore[arg-type]
+    lat: list[float] = []
+    before = warm.pool_stats()
+    for _ in range(runs):
+        deadline = time.monotonic() + 20
+        while warm.pool.ready_count(profile) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t = time.perf_counter()
+        r = warm.execute(code, language=lang)
+        lat.append((time.perf_counter() - t) * 1000)
+        assert r.stdout == "1\n" and r.isolation == isolation, r
+    after = warm.pool_stats()
+    assert before is not None and after is not None
+    p50 = report("execbox, pool on (low load)", lat, floor)
+    print(f"  pool hits {after.hits - before.hits}, misses {after.misses - before.misses}")
+    return p50
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--isolations", default="container,gvisor", help="comma-separated: container, gvisor")
     args = ap.parse_args()
     api = docker.from_env().api
     image = default_image()
@@ -112,60 +143,51 @@ def main() -> None:
         for lang, (_, cmd) in HELLO.items():
             floors[lang] = timed(lambda cmd=cmd: subprocess.run(["chroot", tmp, *cmd], capture_output=True), args.runs)
 
-    cold = Executor(pool=False)
-    warm = Executor(pool=True, pool_min_ready=2)
-    p50s: dict[tuple[str, str], float] = {}
-    for lang, (code, cmd) in HELLO.items():
-        print(f"{lang} hello world ({args.runs} runs each)")
-        floor = report("bare process in the rootfs (chroot)", floors[lang])
-        p50s[lang, "floor"] = floor
-        p50s[lang, "plain"] = report(
-            "plain docker-py create/start/wait/rm",
-            timed(lambda cmd=cmd: plain_docker_run(api, image, cmd), args.runs),
-            floor,
-        )
-        p50s[lang, "off"] = report(
-            "execbox, pool off", timed(lambda code=code, lang=lang: cold.execute(code, language=lang), args.runs), floor
-        )
-
-        profile = Profile.of(get_runtime(lang), warm.image, warm.config.default_limits)
-
-        pooled_lat: list[float] = []
-
-        def pooled(
-            code: str = code, lang: str = lang, profile: Profile = profile, pooled_lat: list[float] = pooled_lat
-        ) -> None:
-            # Low load: the next request comes once the pool has its sandboxes ready again.
-            deadline = time.monotonic() + 10
-            while warm.pool.ready_count(profile) < 2 and time.monotonic() < deadline:  # type: ignore[union-attr]
-                time.sleep(0.01)
-            t = time.perf_counter()
-            r = warm.execute(code, language=lang)
-            pooled_lat.append((time.perf_counter() - t) * 1000)
-            assert r.stdout == "1\n", r
-
-        before = warm.pool_stats()
-        for _ in range(args.runs):
-            pooled()
-        after = warm.pool_stats()
-        assert before is not None and after is not None
-        p50s[lang, "on"] = report("execbox, pool on (low load)", pooled_lat, floor)
-        print(f"  pool hits {after.hits - before.hits}, misses {after.misses - before.misses}")
+    isolations = args.isolations.split(",")
+    p50s: dict[tuple[str, str, str], float] = {}
+    warm: Executor | None = None
+    for isolation in isolations:
+        cold = Executor(pool=False, isolation=isolation)
+        warm = Executor(pool=True, pool_min_ready=2, isolation=isolation)
+        runtime = PLAIN_RUNTIME[isolation]
+        for lang, (code, cmd) in HELLO.items():
+            print(f"{isolation}: {lang} hello world ({args.runs} runs each)")
+            floor = report("bare process in the rootfs (chroot)", floors[lang])
+            p50s[isolation, lang, "floor"] = floor
+            p50s[isolation, lang, "plain"] = report(
+                f"plain docker run --runtime={runtime or 'runc'}",
+                timed(lambda cmd=cmd, rt=runtime: plain_docker_run(api, image, cmd, rt), args.runs),
+                floor,
+            )
+            p50s[isolation, lang, "off"] = report(
+                "execbox, pool off",
+                timed(lambda code=code, lang=lang, ex=cold: ex.execute(code, language=lang), args.runs),
+                floor,
+            )
+            p50s[isolation, lang, "on"] = pooled_runs(warm, code, lang, isolation, args.runs, floor)
+        cold.close()
+        if isolation != isolations[-1] or args.seconds <= 0:
+            warm.close()
+            warm = None
     print("ratios (pooled p50 / ...):")
-    for lang, (floor_target, _) in {"python": (0.5, 0), "javascript": (0.2, 0)}.items():
-        on = p50s[lang, "on"]
-        print(
-            f"  {lang:<10} / floor {on / p50s[lang, 'floor']:.3f} (target <= {floor_target})"
-            f"   / plain docker-py {on / p50s[lang, 'plain']:.3f} (target <= 0.05)"
-            f"   pool-off / plain {p50s[lang, 'off'] / p50s[lang, 'plain']:.2f}"
-        )
-    cold.close()
-    if args.seconds <= 0:
-        warm.close()
+    for isolation in isolations:
+        for lang, floor_target in {"python": 0.5, "javascript": 0.2}.items():
+            on = p50s[isolation, lang, "on"]
+            print(
+                f"  {isolation:<9} {lang:<10} / floor {on / p50s[isolation, lang, 'floor']:.3f}"
+                f" (target <= {floor_target})   / plain docker run {on / p50s[isolation, lang, 'plain']:.3f}"
+                f" (target <= {0.1 if isolation == 'gvisor' else 0.05})"
+                f"   pool-off / plain {p50s[isolation, lang, 'off'] / p50s[isolation, lang, 'plain']:.2f}"
+            )
+    if "gvisor" in isolations and "container" in isolations:
+        for mode in ("plain", "off", "on"):
+            ratios = [p50s["gvisor", lang, mode] / p50s["container", lang, mode] for lang in HELLO]
+            print(f"  gvisor / container, {mode:<5}: " + "  ".join(f"{r:.2f}x" for r in ratios))
+    if warm is None:
         return
-
-    print(f"sustained: {args.clients} clients, {args.seconds:.0f} s each, python hello world")
-    warm.pool.keep_ready(Profile.of(get_runtime("python"), warm.image, warm.config.default_limits), 4)  # type: ignore[union-attr]
+    print(f"sustained: {args.clients} clients, {args.seconds:.0f} s each, python hello world, {isolations[-1]}")
+    profile = Profile.of(get_runtime("python"), warm.image, warm.config.default_limits, isolation=warm.config.isolation)
+    warm.pool.keep_ready(profile, 4)  # type: ignore[union-attr]
     before = warm.pool_stats()
     rate, lat = sustained(lambda: warm.execute("print(1)", language="python"), args.clients, args.seconds)
     after = warm.pool_stats()
@@ -177,7 +199,8 @@ def main() -> None:
     )
     warm.close()
     cmd = HELLO["python"][1]
-    prate, plat = sustained(lambda: plain_docker_run(api, image, cmd), args.clients, args.seconds)
+    runtime = PLAIN_RUNTIME[isolations[-1]]
+    prate, plat = sustained(lambda: plain_docker_run(api, image, cmd, runtime), args.clients, args.seconds)
     print(
         f"  plain docker-py      {prate:6.1f} runs/s   p50 {statistics.median(plat):7.1f} ms"
         f"   p95 {pct(plat, 95):7.1f} ms"

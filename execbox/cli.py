@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .engine.base import Engine
+from .engine.base import ISOLATIONS, Engine
 from .exceptions import ExecboxError, InvalidRequestError
 
 __all__ = ["main"]
@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             target.flush()
 
     # One run per process: a warm pool would only create containers nobody uses.
-    options: dict[str, Any] = {"pool": False}
+    options: dict[str, Any] = {"pool": False, "isolation": _settings().isolation}
     if args.image:
         options["image"] = args.image
     with Executor(_engine(args), **options) as ex:
@@ -96,6 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             limits=limits or None,
             on_output=stream,
+            isolation=args.isolation,
         )
     if args.json:
         print(json.dumps(result.model_dump(), indent=2))
@@ -119,6 +120,7 @@ def _run_remote(args: argparse.Namespace, code: str, language: str, limits: dict
         "timeout": args.timeout,
         "limits": limits or None,
         "image": args.image,
+        "isolation": args.isolation,
     }
     with Client(args.server, api_key=_api_key(args)) as client:
         if args.json:
@@ -353,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-bytes", help="cap per output stream (default 1m)")
     run.add_argument("--disk", help="size of /work and /tmp (default 64m)")
     run.add_argument("--image", help="sandbox image (default: the locally built one)")
+    run.add_argument(
+        "--isolation", choices=ISOLATIONS, help="container (runc, the default) or gvisor (gVisor's kernel: runsc)"
+    )
     run.add_argument("--json", action="store_true", help="print the whole result as JSON")
     run.add_argument("--server", metavar="URL", help="run on an execbox service instead of the local engine")
     run.add_argument(

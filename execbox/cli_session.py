@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import _api_key, _engine, _outcome_notes, _parse_env, _settings
+from .engine.base import ISOLATIONS
 from .exceptions import ExecboxError, InvalidRequestError
 from .models import check_rel_path
 
@@ -34,7 +35,14 @@ class _LocalSessions:
             network_name=settings.egress_network,
             proxy_port=settings.egress_proxy_port,
         )
-        self.sessions = Sessions(_engine(args), open_store(url), start_reaper=False, own_store=True, egress=egress)
+        self.sessions = Sessions(
+            _engine(args),
+            open_store(url),
+            start_reaper=False,
+            own_store=True,
+            egress=egress,
+            isolation=settings.isolation,
+        )
 
     def __enter__(self) -> Any:
         return self.sessions
@@ -79,7 +87,7 @@ def _network_options(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             raise InvalidRequestError("policy", f"cannot read {args.policy} as a JSON policy: {exc}") from None
         if not isinstance(policy, dict):
-            raise InvalidRequestError("policy", "a JSON object: {\"allow\": [...], \"deny\": [...]}")
+            raise InvalidRequestError("policy", 'a JSON object: {"allow": [...], "deny": [...]}')
     for key in ("allow", "deny"):
         if getattr(args, key):
             policy[key] = [*policy.get(key, []), *getattr(args, key)]
@@ -102,6 +110,7 @@ def _cmd_session_new(args: argparse.Namespace) -> int:
     limits = {k: v for k, v in {"memory": args.memory, "cpus": args.cpus, "timeout": args.timeout}.items() if v}
     options: dict[str, Any] = {
         "image": args.image,
+        "isolation": args.isolation,
         "limits": limits or None,
         "idle_timeout": args.idle_timeout,
         "max_lifetime": args.max_lifetime,
@@ -239,6 +248,9 @@ def add_parser(sub: Any) -> None:
     new.add_argument("-l", "--language", default="python", help="python (default), javascript or bash")
     new.add_argument("-u", "--user", default="cli", help="the user the session is for (default: cli)")
     new.add_argument("--image", help="sandbox image or package image name")
+    new.add_argument(
+        "--isolation", choices=ISOLATIONS, help="container (runc) or gvisor (runsc); default: the service's"
+    )
     new.add_argument("-m", "--memory", help="memory limit, e.g. 512m (default 256m)")
     new.add_argument("--cpus", type=float, help="CPU cores (default 1)")
     new.add_argument("-t", "--timeout", type=float, help="default timeout per call (s)")

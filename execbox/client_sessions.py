@@ -55,6 +55,7 @@ def _create_body(
     repl: bool | None,
     network: str | dict[str, Any] | None,
     secrets: dict[str, dict[str, Any]] | None,
+    isolation: str | None = None,
 ) -> dict[str, Any]:
     fields = {
         "user_id": user_id,
@@ -66,6 +67,7 @@ def _create_body(
         "repl": repl,
         "network": network,
         "secrets": secrets,
+        "isolation": isolation,
     }
     return _validated(SessionCreateRequest, fields)
 
@@ -104,12 +106,16 @@ class SessionsMixin:
         repl: bool | None = None,
         network: str | dict[str, Any] | None = None,
         secrets: dict[str, dict[str, Any]] | None = None,
+        isolation: str | None = None,
     ) -> SessionInfo:
         """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
 
         ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
-        give the session egress through the service's proxy, for every call."""
-        body = _create_body(user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets)
+        give the session egress through the service's proxy, for every call; ``isolation``:
+        ``"container"`` or ``"gvisor"`` (default: the service's)."""
+        body = _create_body(
+            user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets, isolation
+        )
         response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())
 
@@ -182,12 +188,16 @@ class AsyncSessionsMixin:
         repl: bool | None = None,
         network: str | dict[str, Any] | None = None,
         secrets: dict[str, dict[str, Any]] | None = None,
+        isolation: str | None = None,
     ) -> SessionInfo:
         """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
 
         ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
-        give the session egress through the service's proxy, for every call."""
-        body = _create_body(user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets)
+        give the session egress through the service's proxy, for every call; ``isolation``:
+        ``"container"`` or ``"gvisor"`` (default: the service's)."""
+        body = _create_body(
+            user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets, isolation
+        )
         response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())
 

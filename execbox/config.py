@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .engine.base import Isolation
 from .models import DEFAULT_MAX_LIMITS, Limits
 
 __all__ = ["ExecutorConfig"]
@@ -15,6 +16,9 @@ class ExecutorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str | None = Field(None, description="Sandbox image; default: the locally built execbox image.")
+    isolation: Isolation = Field(
+        "container", description="Isolation of runs that name none: container (runc) or gvisor (runsc)."
+    )
     node_name: str | None = Field(None, description="This node's name on results; default: the host name.")
     default_limits: Limits = Field(default_factory=lambda: Limits())
     max_limits: Limits = Field(default_factory=lambda: DEFAULT_MAX_LIMITS)
@@ -33,7 +37,9 @@ class ExecutorConfig(BaseModel):
     )
     pool: bool = Field(True, description="Create and warm sandboxes ahead of demand (each still used once).")
     pool_languages: tuple[str, ...] = Field(
-        ("python", "javascript"), description="Languages kept ready with the default limits and image."
+        ("python", "javascript"),
+        description="Languages kept ready with the default limits and image, under the default isolation (and"
+        " under another from its first run on).",
     )
     pool_min_ready: int = Field(2, ge=0, description="Ready sandboxes kept per pooled profile.")
     pool_max_total: int = Field(8, ge=0, description="Cap on ready plus in-creation pooled sandboxes.")

@@ -18,7 +18,7 @@ from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
 from .egress.manager import LazyEgress
 from .engine import open_engine
-from .engine.base import Engine
+from .engine.base import Engine, Isolation
 from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
 from .images import default_image
@@ -79,7 +79,7 @@ class Executor:
         self.node_name = config.node_name or socket.gethostname()
         # Egress starts (proxy, network, firewall) on the first run that asks for it.
         self._egress = LazyEgress(engine, egress, proxy_host_map)
-        self._egress_pooled = False
+        self._warm: set[tuple[Isolation, str]] = set()  # (isolation, network) kept warm in the pool
         self._volumes_lock = threading.Lock()
         self._volumes: VolumeManager | None = None
         self._closed = False
@@ -97,9 +97,7 @@ class Executor:
                 max_idle_age=config.pool_max_idle_age,
                 refill_concurrency=config.pool_refill_concurrency,
             )
-            for language in config.pool_languages:
-                profile = Profile.of(get_runtime(language), self.image, config.default_limits)
-                self.pool.keep_ready(profile, config.pool_min_ready)
+            self._keep_warm(config.isolation, "none")
 
     # -- public API -------------------------------------------------------------------
 
@@ -198,8 +196,9 @@ class Executor:
     ) -> ExecutionResult:
         exec_id = uuid.uuid4().hex[:16]
         grant = None
+        isolation = request.isolation or self.config.isolation
         if request.network is not None and request.network.mode == "proxy":
-            self._keep_egress_ready()
+            self._keep_egress_ready(isolation)
             grant = self.egress.prepare(
                 exec_id,
                 request.network,
@@ -209,21 +208,30 @@ class Executor:
                 user_id=request.user_id,
             )
         try:
+            if grant is None:
+                self._keep_warm(isolation, "none")
             return self._run_sandbox(exec_id, request, runtime, limits, image, state, on_output, grant, tenant)
         finally:
             if grant is not None:
                 self.egress.finish(exec_id)
 
-    def _keep_egress_ready(self) -> None:
+    def _keep_egress_ready(self, isolation: Isolation) -> None:
         """Once egress runs happen, keep warm sandboxes on its network too (the grant comes
         with each request: the sandboxes hold nothing of any run)."""
-        if self.pool is None or not self.config.pool_egress or self._egress_pooled:
+        if self.pool is None or not self.config.pool_egress:
             return
         self.egress.start()
-        network = self.egress.network
-        self._egress_pooled = True
+        self._keep_warm(isolation, self.egress.network)
+
+    def _keep_warm(self, isolation: Isolation, network: str) -> None:
+        """Keep the pooled languages ready under ``isolation`` on ``network`` (from now on)."""
+        if self.pool is None or (isolation, network) in self._warm:
+            return
+        self._warm.add((isolation, network))
         for language in self.config.pool_languages:
-            profile = Profile.of(get_runtime(language), self.image, self.config.default_limits, network)
+            profile = Profile.of(
+                get_runtime(language), self.image, self.config.default_limits, network, isolation=isolation
+            )
             self.pool.keep_ready(profile, self.config.pool_min_ready)
 
     def _run_sandbox(
@@ -269,6 +277,7 @@ class Executor:
             grant.network if grant is not None else "none",
             volume=volume.name if volume else None,
             uid=volume.uid if volume else None,
+            isolation=request.isolation or self.config.isolation,
         )
         if volume is None:
             result = self._run_in(profile, payload, exec_id, limits, on_output)
@@ -277,6 +286,7 @@ class Executor:
             with self.volumes.in_use(volume):
                 result = self._run_in(profile, payload, exec_id, limits, on_output, keep_off_pool=True)
         result.language = runtime.name
+        result.isolation = profile.isolation
         result.node = self.node_name
         result.stdout, result.state, result.state_error, _ = extract_state(result.stdout)
         if grant is not None:
@@ -287,6 +297,7 @@ class Executor:
             extra={
                 "execution_id": exec_id,
                 "language": runtime.name,
+                "isolation": profile.isolation,
                 "exit_code": result.exit_code,
                 "timed_out": result.timed_out,
                 "oom_killed": result.oom_killed,

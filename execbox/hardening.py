@@ -6,19 +6,36 @@ allowlist of ``execbox.seccomp``, an init process, memory = memory+swap, CPU and
 pids limits, size- and inode-capped tmpfs for /work and /tmp, no log driver,
 and no host path or Docker socket mounted. Weakening any of it is not possible
 through ``Limits``; later opt-ins (egress) change only the network.
+
+``isolation="gvisor"`` keeps every one of these and puts gVisor's kernel between the
+program and the host's. Two differ in how they are applied there: the seccomp
+profile is gVisor's variant (``execbox.seccomp``), and the process limit comes from
+RLIMIT_NPROC, which gVisor's kernel enforces on the program's processes, while the
+cgroup pids limit outside is raised by gVisor's own threads (its kernel and the ptrace
+stubs of the program's processes run on the host and count there: at the bare limit a
+fork bomb took the whole sandbox down with no result, measured).
 """
 
 from __future__ import annotations
 
-from .engine.base import SandboxSpec, Tmpfs
+from .engine.base import Isolation, SandboxSpec, Tmpfs
 from .images import SANDBOX_DIR
 from .models import Limits
 from .runtimes import WORKDIR
 from .seccomp import profile
 
-__all__ = ["AGENT_COMMAND", "WORKDIR", "sandbox_spec"]
+__all__ = ["AGENT_COMMAND", "WORKDIR", "host_pids", "sandbox_spec"]
 
 AGENT_COMMAND = ("python3", "-I", "-S", f"{SANDBOX_DIR}/agent.py")
+GVISOR_HOST_PIDS = (6, 128)  # host pids per program task (measured: ~5.2), plus gVisor's own (~40)
+
+
+def host_pids(pids: int, isolation: Isolation) -> int:
+    """The cgroup pids limit of a sandbox whose programs may have ``pids`` processes/threads."""
+    if isolation == "gvisor":
+        per_process, base = GVISOR_HOST_PIDS
+        return pids * per_process + base
+    return pids
 
 
 def sandbox_spec(
@@ -29,8 +46,9 @@ def sandbox_spec(
     network: str | None = None,
     command: tuple[str, ...] = AGENT_COMMAND,
     volumes: dict[str, str] | None = None,
+    isolation: Isolation = "container",
 ) -> SandboxSpec:
-    """The create options of one sandbox under ``limits``, running as ``uid``."""
+    """The create options of one sandbox under ``limits``, running as ``uid``, isolated by ``isolation``."""
     return SandboxSpec(
         image=image,
         command=command,
@@ -38,7 +56,7 @@ def sandbox_spec(
         labels=labels,
         memory_bytes=limits.memory,
         nano_cpus=int(limits.cpus * 1e9),
-        pids=limits.pids,
+        pids=host_pids(limits.pids, isolation),
         # RLIMIT_NPROC counts per UID system-wide; the UID is unique, so this is per sandbox.
         nproc=limits.pids,
         tmpfs={
@@ -46,7 +64,7 @@ def sandbox_spec(
             "/tmp": Tmpfs(limits.disk, limits.inodes, 0o1777, uid),
         },
         shm_bytes=min(limits.disk, 64 << 20),
-        seccomp=profile(),
+        seccomp=profile(gvisor=isolation == "gvisor"),
         network=network,
         working_dir=WORKDIR,
         volumes=dict(volumes or {}),
@@ -54,4 +72,5 @@ def sandbox_spec(
         # answer through the firewall, and the resolver's default (5 s x 2 tries) would
         # hang a program that looks a name up itself for 10 s. Give up after one second.
         dns_options=("timeout:1", "attempts:1") if network is not None else (),
+        isolation=isolation,
     )

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 from .egress.models import NetworkLogEntry, Secret
 from .egress.policy import NetworkPolicy
+from .engine.base import ISOLATIONS, Isolation
 from .exceptions import InvalidRequestError
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ExecutionResult",
     "Limits",
     "RunResult",
+    "check_isolation",
     "invalid_request",
     "parse_size",
     "resolve_limits",
@@ -63,6 +65,13 @@ FileBytes = Annotated[
     bytes, BeforeValidator(_b64_in), PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str)
 ]
 MAX_COLLECT_PATTERNS = 32
+
+
+def check_isolation(value: str) -> Isolation:
+    """``value`` as an isolation, or InvalidRequestError naming ``isolation``."""
+    if value not in ISOLATIONS:
+        raise InvalidRequestError("isolation", f"unknown isolation {value!r}: use {' or '.join(ISOLATIONS)}")
+    return value
 
 
 def check_code(code: str) -> str:
@@ -178,6 +187,11 @@ class ExecutionRequest(BaseModel):
     timeout: float | None = Field(None, gt=0, description="Wall-clock limit in seconds (overrides limits.timeout).")
     limits: Limits | None = Field(None, description="Per-run limits; unset fields take the executor's defaults.")
     image: str | None = Field(None, description="Sandbox image; the executor's default when unset.")
+    isolation: Isolation | None = Field(
+        None,
+        description="container (runc: namespaces, cgroups, seccomp on the host kernel) or gvisor (the same around"
+        " gVisor's kernel, which answers the program's system calls itself); the executor's default when unset.",
+    )
     state: Any = Field(
         None,
         description="JSON state given to the program (env EXECBOX_STATE, and STATE_<KEY> for scalar keys);"
@@ -244,6 +258,7 @@ class RunResult(BaseModel):
     kills are fields, not exceptions."""
 
     language: str = Field(description="The language the code ran as (canonical name).")
+    isolation: Isolation = Field("container", description="The isolation the code ran under: container or gvisor.")
     stdout: str = Field("", description="Standard output of the program, up to limits.output_bytes.")
     stderr: str = Field("", description="Standard error of the program, up to limits.output_bytes.")
     exit_code: int = Field(description="The program's exit code; 128+N when killed by signal N.")

@@ -1,7 +1,7 @@
 """Sandboxes made ahead of demand: created, started and warmed before the request.
 
 A ``Pool`` keeps ``min_ready`` started sandboxes per ``Profile`` (language, image,
-limits, network), each waiting in its agent with the language runtime already
+limits, network, isolation), each waiting in its agent with the language runtime already
 started. A sandbox is handed out exactly once and destroyed after its run, off the
 request's path; the pool refills in the background with bounded concurrency.
 The pool's lock is never held across engine calls.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .agentlink import AgentLink, LinkEnded
-from .engine.base import Engine
+from .engine.base import Engine, Isolation
 from .exceptions import ExecboxError, SandboxError
 from .hardening import AGENT_COMMAND, WORKDIR, sandbox_spec
 from .labels import labels_for
@@ -46,6 +46,7 @@ class Profile:
     network: str = "none"
     volume: str | None = None  # a user's named volume, mounted at /data
     uid: int | None = None  # fixed UID (the volume's owner); None: a fresh one per sandbox
+    isolation: Isolation = "container"
 
     @classmethod
     def of(
@@ -56,6 +57,7 @@ class Profile:
         network: str = "none",
         volume: str | None = None,
         uid: int | None = None,
+        isolation: Isolation = "container",
     ) -> Profile:
         return cls(
             runtime.name,
@@ -68,6 +70,7 @@ class Profile:
             network,
             volume,
             uid,
+            isolation,
         )
 
     def limits(self) -> Limits:
@@ -124,6 +127,7 @@ class SandboxFactory:
             None if profile.network == "none" else profile.network,
             command=command,
             volumes={profile.volume: "/data"} if profile.volume else None,
+            isolation=profile.isolation,
         )
         sid: str | None = None
         try:
@@ -396,13 +400,18 @@ class Pool:
                     while queue and now - queue[0].created > self.max_idle_age:
                         expired.append(queue.popleft())
                 total = sum(len(q) for q in self._ready.values()) + sum(self._creating.values())
-                for profile, target in self._targets.items():
-                    have = len(self._ready.get(profile, ())) + self._creating.get(profile, 0)
-                    while have < target and total < self.max_total:
-                        launches.append(profile)
-                        self._creating[profile] = self._creating.get(profile, 0) + 1
-                        have += 1
-                        total += 1
+                missing = {
+                    profile: target - len(self._ready.get(profile, ())) - self._creating.get(profile, 0)
+                    for profile, target in self._targets.items()
+                }
+                # One per profile per round: under max_total, every profile gets its share.
+                while total < self.max_total and any(n > 0 for n in missing.values()):
+                    for profile, n in missing.items():
+                        if n > 0 and total < self.max_total:
+                            launches.append(profile)
+                            self._creating[profile] = self._creating.get(profile, 0) + 1
+                            missing[profile] = n - 1
+                            total += 1
                 self._stats.expired += len(expired)
                 self._stats.refill_passes += 1
             for sb in expired:

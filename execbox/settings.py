@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .engine.base import Isolation
+
 __all__ = ["Settings", "settings_table"]
 
 
@@ -38,6 +40,11 @@ class Settings(BaseSettings):
     )
     api_key: str | None = Field(None, description="API key the CLI sends to a service (--server); not a server key.")
     image: str | None = Field(None, description="Default sandbox image (default: the locally built one).")
+    isolation: Isolation = Field(
+        "container",
+        description="Isolation of runs and sessions that name none: container (runc) or gvisor (runsc; needs the"
+        " runtimes scripts/setup.sh registers).",
+    )
     state_url: str | None = Field(
         None, description="State store: redis://... or sqlite:///path (default: SQLite under data_dir)."
     )

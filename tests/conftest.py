@@ -55,13 +55,20 @@ def busy(ex: Executor) -> set[str]:
     return {sb.id for sb in ex.factory.live() if sb.leased}
 
 
+@pytest.fixture(scope="module")
+def isolation() -> str:
+    """The isolation of ``executor``: ``container`` here; every one in modules that import
+    ``tests.isolations.every_isolation``."""
+    return "container"
+
+
 @pytest.fixture(params=["pool", "no-pool"])
-def executor(request: pytest.FixtureRequest, engine: Engine) -> Iterator[Executor]:
+def executor(request: pytest.FixtureRequest, engine: Engine, isolation: str) -> Iterator[Executor]:
     """An executor, with and without the warm pool: both paths must behave the same.
 
     After the test, nothing it created may remain (and anything left is removed).
     """
-    ex = Executor(engine=engine, pool=request.param == "pool")
+    ex = Executor(engine=engine, pool=request.param == "pool", isolation=isolation)
     yield ex
     ex.close()
     left = ours(engine)

@@ -177,14 +177,15 @@ RUNTIMES = {
 
 
 @contextmanager
-def sandbox(engine: Any, network: str, uid: int) -> Iterator[Any]:
+def sandbox(engine: Any, network: str, uid: int, isolation: Any = "container") -> Iterator[Any]:
     """A created, not yet started sandbox on ``network``; removed afterwards whatever happens."""
     from execbox.hardening import sandbox_spec
     from execbox.images import default_image
     from execbox.labels import labels_for
     from execbox.models import Limits
 
-    spec = sandbox_spec(Limits(timeout=20), default_image(), uid, labels_for("run", ttl=600), network=network)
+    labels = labels_for("run", ttl=600)
+    spec = sandbox_spec(Limits(timeout=20), default_image(), uid, labels, network=network, isolation=isolation)
     sid = engine.create(spec)
     try:
         yield sid
@@ -202,6 +203,7 @@ def run_in_sandbox(
     timeout: float = 15,
     uid: int = 150_000,
     on_started: Any = None,
+    isolation: str = "container",
 ) -> SandboxResult:
     from execbox.runtimes import BASE_ENV
 
@@ -217,7 +219,7 @@ def run_in_sandbox(
         "timeout": timeout,
         "output_bytes": 1 << 20,
     }
-    with sandbox(engine, network, uid) as sid:
+    with sandbox(engine, network, uid, isolation) as sid:
         chan = engine.attach(sid)
         try:
             engine.start(sid)

@@ -19,6 +19,7 @@ from execbox.engine.base import Engine
 from execbox.exceptions import EngineError
 from execbox.labels import MANAGED_FILTER, OWNER, owner_id
 from tests.conftest import busy
+from tests.isolations import every_isolation  # noqa: F401 (runs this module under every isolation)
 
 pytestmark = pytest.mark.docker
 

@@ -33,6 +33,7 @@ from .egress_support import (
     self_signed,
     start_upstream,
 )
+from .isolations import every_isolation  # noqa: F401 (runs this module under every isolation)
 
 pytestmark = pytest.mark.docker
 
@@ -46,6 +47,7 @@ class World:
     gw_tcp: Listener  # on the egress network's gateway: the host, seen from the sandbox
     gw_udp: Listener
     bridge_tcp: Listener | None  # on the default bridge's gateway: another address of the host
+    isolation: str = "container"
 
     def grant(self, *allow: str, secrets: dict[str, Secret] | None = None) -> EgressGrant:
         return self.egress.prepare(uuid.uuid4().hex[:12], NetworkPolicy(mode="proxy", allow=allow), secrets)
@@ -59,6 +61,7 @@ class World:
             env=dict(grant.env),
             files=dict(grant.files),
             uid=random.randrange(150_000, 199_999),
+            isolation=self.isolation,
             **kw,
         )
 
@@ -72,7 +75,7 @@ def _docker0_gateway(engine: Any) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def world(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(engine: Engine, tmp_path_factory: pytest.TempPathFactory, isolation: str) -> Iterator[World]:
     tmp: Path = tmp_path_factory.mktemp("egress-e2e")
     cert, tls = self_signed(tmp)
     plain, secure = start_upstream(), start_upstream(tls=tls)
@@ -93,7 +96,7 @@ def world(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     docker0 = _docker0_gateway(engine)
     bridge_tcp = Listener(docker0) if docker0 else None
     try:
-        yield World(engine, egress, plain, secure, gw_tcp, gw_udp, bridge_tcp)
+        yield World(engine, egress, plain, secure, gw_tcp, gw_udp, bridge_tcp, isolation)
     finally:
         egress.close()
         for listener in (gw_tcp, gw_udp, bridge_tcp):

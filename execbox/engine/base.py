@@ -11,14 +11,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..exceptions import EngineError
 
 __all__ = [
+    "ISOLATIONS",
     "Channel",
     "Engine",
     "ImageInfo",
+    "Isolation",
     "NetworkInfo",
     "ResourceInfo",
     "SandboxSpec",
@@ -28,6 +30,12 @@ __all__ = [
 
 STDOUT = 1
 STDERR = 2
+
+Isolation = Literal["container", "gvisor"]
+"""What stands between a sandbox and the host kernel: ``container`` (namespaces, cgroups and
+seccomp on the host kernel: runc) or ``gvisor`` (the same, around gVisor's application
+kernel, which answers the program's system calls itself: runsc)."""
+ISOLATIONS: tuple[Isolation, ...] = get_args(Isolation)
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,8 @@ class SandboxSpec:
 
     ``seccomp`` is a profile in the OCI format (as ``execbox.seccomp.profile()`` makes);
     ``network`` is None (no network: loopback only) or the name of an internal network
-    made by ``Engine.ensure_internal_network``. Each engine maps these to its own kind.
+    made by ``Engine.ensure_internal_network``; ``isolation`` is the kind of runtime.
+    Each engine maps these to its own kind.
     """
 
     image: str
@@ -70,6 +79,7 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)  # never secrets: sandbox-wide constants only
     volumes: dict[str, str] = field(default_factory=dict)  # named volume -> mount path (per-user data)
     dns_options: tuple[str, ...] = ()  # resolv.conf options (egress runs: give up on lookups quickly)
+    isolation: Isolation = "container"
 
 
 @dataclass(frozen=True)

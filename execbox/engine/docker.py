@@ -27,6 +27,7 @@ from .base import (
     Channel,
     Engine,
     ImageInfo,
+    Isolation,
     NetworkInfo,
     ResourceInfo,
     SandboxSpec,
@@ -34,10 +35,31 @@ from .base import (
     Tmpfs,
 )
 
-__all__ = ["DockerEngine"]
+__all__ = ["RUNTIMES_FILE", "DockerEngine", "runtime_of"]
 
 log = logging.getLogger("execbox.engine.docker")
 _HEADER = struct.Struct(">BxxxI")
+_OOM_EVENT_WAIT = 1.0  # seconds a SIGKILLed sandbox's OOM flag may lag its exit
+
+# The Docker runtimes of each isolation, for a sandbox without network and for one on an
+# (internal) network. scripts/setup.sh registers them in /etc/docker/daemon.json from
+# docker-runtimes.json beside this module. runsc takes its network mode per runtime: its
+# own netstack refuses Docker's "none" namespace and (runsc 20221219 with Docker 20.10)
+# a user network's too, "cannot run with network enabled in root network namespace";
+# "none" gives loopback only, "host" uses the sandbox's own namespace, where the egress
+# network's firewall holds. --oci-seccomp makes it apply the sandbox's seccomp profile to
+# the program's system calls inside gVisor (without it runsc ignores the profile there:
+# ptrace and unshare succeed, measured).
+RUNTIMES_FILE = Path(__file__).with_name("docker-runtimes.json")
+_RUNTIMES: dict[Isolation, tuple[str | None, str | None]] = {
+    "container": (None, None),  # the engine's default (runc)
+    "gvisor": ("execbox-gvisor", "execbox-gvisor-hostnet"),
+}
+
+
+def runtime_of(spec: SandboxSpec) -> str | None:
+    """The Docker runtime of ``spec`` (None: the engine's default, runc)."""
+    return _RUNTIMES[spec.isolation][spec.network is not None]
 
 
 def _connect_closing_on_failure(self: Any) -> None:
@@ -202,10 +224,23 @@ class DockerEngine(Engine):
             auto_remove=False,
             mounts=[Mount(target=path, source=name, type="volume") for name, path in spec.volumes.items()] or None,
             dns_opt=list(spec.dns_options) or None,
+            runtime=runtime_of(spec),
         )
         return host_config
 
     def create(self, spec: SandboxSpec) -> str:
+        try:
+            return self._create(spec)
+        except EngineError as exc:
+            runtime = runtime_of(spec)
+            if runtime is not None and "runtime" in str(exc).lower():
+                raise EngineError(
+                    f"isolation {spec.isolation!r} needs the Docker runtime {runtime} (runsc), which this engine"
+                    f" does not have: run scripts/setup.sh, which registers it ({exc})"
+                ) from exc
+            raise
+
+    def _create(self, spec: SandboxSpec) -> str:
         with _translate("create sandbox"):
             created = self.api.create_container(
                 image=spec.image,
@@ -245,7 +280,14 @@ class DockerEngine(Engine):
                 self.api.wait(sandbox_id, timeout=max(timeout, 0.001))
         except (EngineError, requests.exceptions.ReadTimeout):
             pass
-        return self.state(sandbox_id)
+        state = self.state(sandbox_id)
+        # A sandbox killed whole by the OOM killer (gVisor's kernel is one process to the
+        # host's) may be seen stopped before dockerd has handled its OOM event: ask again.
+        deadline = time.monotonic() + _OOM_EVENT_WAIT
+        while state.exit_code == 137 and not state.running and not state.oom_killed and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = self.state(sandbox_id)
+        return state
 
     def state(self, sandbox_id: str) -> SandboxState:
         with _translate("inspect sandbox"):

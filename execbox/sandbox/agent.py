@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import errno
 import json
 import os
 import selectors
@@ -185,6 +186,37 @@ def collect(workdir: str, patterns: list[str], cap: int, out: Out) -> bool:
     return left_out
 
 
+def exit_fd(pid: int) -> int:
+    """An fd that becomes readable when child ``pid`` exits (close it after); the child is
+    left for the caller to reap.
+
+    A pidfd where the kernel has them; gVisor's kernel (runsc 20221219) has no
+    pidfd_open, so there a thread waits with WNOWAIT and writes to a pipe.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+    import threading
+
+    r, w = os.pipe()
+
+    def wait() -> None:
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        except OSError:  # reaped already (the caller killed it first)
+            pass
+        try:
+            os.write(w, b"x")
+        except OSError:  # the caller is done with it
+            pass
+        os.close(w)
+
+    threading.Thread(target=wait, name=f"exit-{pid}", daemon=True).start()
+    return r
+
+
 def _kill_session(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -276,7 +308,7 @@ def run(req: dict[str, Any], out: Out, warm: Warm | None = None, oom_before: int
         os.set_blocking(pipe.fileno(), False)
         sel.register(pipe.fileno(), selectors.EVENT_READ, kind)
         kinds[pipe.fileno()] = kind
-    pidfd = os.pidfd_open(proc.pid)
+    pidfd = exit_fd(proc.pid)
     sel.register(pidfd, selectors.EVENT_READ, b"P")
     stdin_view = memoryview(stdin_data)
     if proc.stdin is not None:

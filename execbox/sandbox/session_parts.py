@@ -86,7 +86,7 @@ class Worker:
         self.out_fd, self.err_fd = self.proc.stdout.fileno(), self.proc.stderr.fileno()
         for fd in (self.out_fd, self.err_fd, self.status_r, self.ctrl_w):
             os.set_blocking(fd, False)
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.pidfd = agent.exit_fd(self.proc.pid)
         self._status = bytearray()
         self.closed = False
         # Pipes at end of file (the program closed its stdout, say): never polled again, or

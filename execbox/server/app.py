@@ -96,6 +96,7 @@ def _sessions(settings: Settings, executor: Executor) -> Sessions:
     url = settings.session_store()
     config = SessionsConfig(
         image=executor.image,
+        isolation=executor.config.isolation,
         default_limits=executor.config.default_limits,
         max_limits=executor.config.max_limits,
         max_code_bytes=settings.max_code_bytes,
@@ -139,6 +140,7 @@ def create_app(
         if own:
             config = ExecutorConfig(
                 image=settings.image,
+                isolation=settings.isolation,
                 max_code_bytes=settings.max_code_bytes,
                 data_dir=settings.data_dir,
                 pool=settings.pool_min_ready > 0,

@@ -10,6 +10,7 @@ limits and its quotas. Tenants come from a TOML file::
     max_concurrent = 4
     executions_per_minute = 120
     webhook_secret = "whsec_..."
+    isolation = "gvisor"            # forced; or a list of allowed values: ["container", "gvisor"]
 
     [tenants.acme.max_limits]
     timeout = 30
@@ -36,6 +37,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..egress.policy import NetworkPolicy
+from ..engine.base import Isolation
 from ..exceptions import ConfigurationError, InvalidRequestError
 from ..models import Limits
 from ..runtimes import RUNTIMES, get_runtime
@@ -82,6 +84,12 @@ class TenantPolicy(BaseModel):
     executions_per_minute: int = Field(60, ge=1, description="Executions started per sliding minute.")
     webhook_secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key of webhook signatures.")
     network: bool = Field(False, description="May use egress through the policy proxy (network.mode = 'proxy').")
+    isolation: Isolation | tuple[Isolation, ...] | None = Field(
+        None,
+        description="One isolation ('gvisor'): every run and session of the tenant gets it, asking for another is"
+        " refused; a list: those allowed (a request naming none gets the service's default if allowed, else the"
+        " first); None: any.",
+    )
     egress: NetworkPolicy | None = Field(
         None,
         description="Ceiling on every run's own network policy: a request must be allowed by both"
@@ -125,6 +133,17 @@ class Tenant:
         over = self.max_limits.exceeding(service_max)
         if over:
             raise ConfigurationError(f"tenant {name!r}: max_limits above the service's maximum: {', '.join(over)}")
+
+    def isolation_for(self, requested: Isolation | None, default: Isolation) -> Isolation | None:
+        """The isolation a request of this tenant runs under, or None if it asked for one it may not use."""
+        allowed = self.policy.isolation
+        if allowed is None:
+            return requested or default
+        if isinstance(allowed, str):
+            allowed = (allowed,)
+        if requested is None:
+            return default if default in allowed else allowed[0]
+        return requested if requested in allowed else None
 
     def image_allowed(self, image: str, default_image: str) -> bool:
         return image == default_image or "*" in self.policy.images or image in self.policy.images

@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 
 from ..egress import NetworkPolicy
+from ..engine.base import Isolation
 from ..exceptions import ExecboxError, InvalidRequestError
 from ..executor import Executor, OutputCallback
 from ..models import ExecutionRequest, ExecutionResult, Limits, resolve_limits
@@ -151,8 +152,17 @@ class ExecutionService:
                 reason="too_large",
             )
         runtime = self.permit(tenant, request.language, request.image, request.network)
+        isolation = self.isolation(tenant, request.isolation)
         limits = self.resolve_limits(tenant, request)
-        return request.model_copy(update={"language": runtime.name, "limits": limits, "timeout": None})
+        update = {"language": runtime.name, "limits": limits, "timeout": None, "isolation": isolation}
+        return request.model_copy(update=update)
+
+    def isolation(self, tenant: Tenant, requested: Isolation | None) -> Isolation:
+        """The isolation the tenant's request runs under; 403 naming ``isolation`` if it may not use it."""
+        isolation = tenant.isolation_for(requested, self.ex.config.isolation)
+        if isolation is None:
+            raise ApiError(403, "forbidden", f"this tenant may not use isolation {requested!r}", field="isolation")
+        return isolation
 
     def permit(self, tenant: Tenant, language: str, image: str | None, network: NetworkPolicy | None) -> Runtime:
         """The runtime of ``language`` if the tenant may use it, that image and that network; else a 403."""

@@ -32,6 +32,7 @@ class TenantSessions:
         # The service's defaults capped at the tenant's maximum, then the request's (checked against it).
         request = ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None)
         limits = service.resolve_limits(tenant, request)
+        isolation = service.isolation(tenant, body.isolation)
 
         def create() -> SessionInfo:
             return self.sessions.create(
@@ -46,6 +47,7 @@ class TenantSessions:
                 repl=body.repl,
                 secrets=body.secrets,
                 network_ceiling=tenant.policy.egress,
+                isolation=isolation,
             )
 
         return await anyio.to_thread.run_sync(create)

@@ -172,6 +172,7 @@ class SessionsCalls(SessionsLifecycle):
             session_id=rec.id,
             call=rec.calls,
             language=rec.language,
+            isolation=rec.isolation,
             **call.fields(outcome, started),
             repl_reset=bool(meta.get("reset") or meta.get("reset_before")) or (ended and rec.repl),
             session_ended=ended,

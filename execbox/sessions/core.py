@@ -17,7 +17,7 @@ from ..engine.base import Engine
 from ..exceptions import InvalidRequestError, SessionNotFoundError
 from ..images import default_image
 from ..labels import owner_id
-from ..models import Limits, invalid_request, resolve_limits
+from ..models import Limits, check_isolation, invalid_request, resolve_limits
 from ..runtimes import get_runtime
 from ..state import StateStore, check_id
 from ..uids import UidRegistry, host_store
@@ -100,12 +100,14 @@ class Sessions(SessionsCalls):
         repl: bool | None = None,
         secrets: dict[str, Secret] | dict[str, dict[str, Any]] | None = None,
         network_ceiling: NetworkPolicy | None = None,
+        isolation: str | None = None,
     ) -> SessionInfo:
         """Start a session for ``user_id``; SessionLimitError over a cap.
 
         ``network`` ("none", "proxy", a ``NetworkPolicy`` or its dict) and ``secrets`` are as
         for an execution, for every call of the session; ``network_ceiling`` (a tenant's
-        policy) caps the session's policy: a request must be allowed by both.
+        policy) caps the session's policy: a request must be allowed by both. ``isolation`` is
+        ``"container"`` or ``"gvisor"`` (default: ``config.isolation``).
         """
         self._check_open()
         check_id("tenant", tenant)
@@ -126,6 +128,7 @@ class Sessions(SessionsCalls):
         ):
             if not 0 < value <= most:
                 raise InvalidRequestError(field, f"must be more than 0 and at most {most:g} seconds")
+        iso = self.config.isolation if isolation is None else check_isolation(isolation)
         image_tag = self._resolve_image(image)
         now = time.time()
         rec = Record(
@@ -136,6 +139,7 @@ class Sessions(SessionsCalls):
             repl=repl,
             image=image_tag,
             limits=lim,
+            isolation=iso,
             status="creating",
             created_at=now,
             last_used_at=now,

@@ -93,7 +93,9 @@ class SessionsLifecycle(SessionsNetwork):
         labels.pop(OWNER, None)
         network = grant.network if grant is not None else None
         files = grant.files if grant is not None else {}
-        spec = sandbox_spec(rec.limits, rec.image, rec.uid, labels, network=network, command=AGENT)
+        spec = sandbox_spec(
+            rec.limits, rec.image, rec.uid, labels, network=network, command=AGENT, isolation=rec.isolation
+        )
         try:
             cid = self.engine.create(spec)
         except ImageNotFoundError as exc:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..egress.models import EgressBinding, NetworkLogEntry, Secret
 from ..egress.policy import NetworkPolicy
+from ..engine.base import Isolation
 from ..images import SANDBOX_DIR
 from ..models import (
     DEFAULT_MAX_LIMITS,
@@ -58,6 +59,7 @@ class SessionsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str | None = Field(None, description="Default image; default: the locally built sandbox image.")
+    isolation: Isolation = Field("container", description="Isolation of sessions that name none: container or gvisor.")
     default_limits: Limits = Field(default_factory=lambda: Limits())
     max_limits: Limits = Field(default_factory=lambda: DEFAULT_MAX_LIMITS)
     max_per_user: int = Field(3, ge=1, description="Live sessions one user (of one tenant) may have.")
@@ -94,6 +96,10 @@ class SessionCreateRequest(BaseModel):
     )
     language: str = Field("python", description="python, javascript or bash (aliases: py, js, node, sh).")
     image: str | None = Field(None, description="Sandbox image or package image name; default: the service's.")
+    isolation: Isolation | None = Field(
+        None, description="container (runc) or gvisor (gVisor's kernel between the code and the host's); default:"
+        " the service's."
+    )
     limits: Limits | None = Field(None, description="Limits of the session's container; timeout is per call.")
     network: NetworkPolicy | None = Field(
         None,
@@ -184,6 +190,7 @@ class SessionInfo(BaseModel):
     language: str = Field(description="Language of the session.")
     repl: bool = Field(description="Variables and imports persist between calls.")
     image: str = Field(description="Image of the session's container.")
+    isolation: Isolation = Field("container", description="Isolation of the session: container or gvisor.")
     limits: Limits = Field(description="Limits of the session's container (timeout: the default per call).")
     network: Literal["none", "proxy"] = Field("none", description="none, or proxy (egress through the proxy).")
     network_policy: NetworkPolicy | None = Field(None, description="The session's own egress policy (proxy).")
@@ -208,6 +215,7 @@ class SessionResult(BaseModel):
     session_id: str = Field(description="The session.")
     call: int = Field(description="Number of this call in the session (1, 2, ...).")
     language: str = Field(description="Language of the session.")
+    isolation: Isolation = Field("container", description="Isolation of the session the call ran in.")
     stdout: str = Field("", description="Standard output of this call only, up to limits.output_bytes.")
     stderr: str = Field("", description="Standard error of this call only, up to limits.output_bytes.")
     exit_code: int = Field(description="0, 1 for an exception, n for sys.exit(n)/exit n; 128+N when killed by N.")
@@ -242,6 +250,7 @@ class Record(BaseModel):
     repl: bool
     image: str
     limits: Limits
+    isolation: Isolation = "container"  # records made before isolations existed were runc
     network: Literal["none", "proxy"] = "none"
     policy: NetworkPolicy | None = None
     # What re-establishes its egress grant after a restart: the secrets' real values and the
@@ -283,6 +292,7 @@ class Record(BaseModel):
                     "language",
                     "repl",
                     "image",
+                    "isolation",
                     "limits",
                     "network",
                     "status",
