@@ -15,6 +15,7 @@ from execbox.exceptions import (
     InvalidRequestError,
     PermissionDeniedError,
     QuotaExceededError,
+    SessionLimitError,
     SessionNotFoundError,
 )
 from execbox.mcp.backend import McpBackend
@@ -42,8 +43,9 @@ class FakeBackend(McpBackend):
             id="x", language=language, stdout="out", stderr="err", exit_code=137, duration_ms=1.0, timed_out=True
         )
 
-    async def create_session(self, language: str, image: str | None) -> SessionInfo:
-        raise AssertionError("not used here")
+    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
+        self._check("create", (language, image, isolation))
+        raise SessionLimitError("no room", "user", retry_after=1)
 
     async def session_call(self, session_id: str, code: str | None, **kw: Any) -> SessionResult:
         self._check("call", (session_id, code, kw))
@@ -122,3 +124,11 @@ def test_the_package_exports_its_names_lazily() -> None:
         assert getattr(execbox.mcp, name) is not None
     with pytest.raises(AttributeError):
         execbox.mcp.nothing_here  # noqa: B018
+
+
+def test_isolation_reaches_the_backend_for_runs_and_sessions() -> None:
+    backend = FakeBackend()
+    _call(backend, "run_code", {"code": "print(1)", "language": "python", "isolation": "gvisor"})
+    assert backend.calls[-1][1][2]["isolation"] == "gvisor"
+    result = _call(backend, "session_create", {"language": "python", "isolation": "gvisor"})
+    assert backend.calls[-1] == ("create", ("python", None, "gvisor")) and result.isError

@@ -35,11 +35,12 @@ class McpBackend(abc.ABC):
         files: dict[str, bytes],
         collect: list[str],
         image: str | None,
+        isolation: str | None = None,
     ) -> ExecutionResult:
         """One ephemeral run in a fresh sandbox."""
 
     @abc.abstractmethod
-    async def create_session(self, language: str, image: str | None) -> SessionInfo: ...
+    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo: ...
 
     @abc.abstractmethod
     async def session_call(

@@ -42,17 +42,19 @@ class LocalBackend(McpBackend):
         files: dict[str, bytes],
         collect: list[str],
         image: str | None,
+        isolation: str | None = None,
     ) -> ExecutionResult:
         fields: dict[str, Any] = {"files": files, "collect": collect, "tenant": self.tenant}
-        if timeout is not None:
-            fields["timeout"] = timeout
-        if image is not None:
-            fields["image"] = image
+        fields |= {
+            k: v for k, v in {"timeout": timeout, "image": image, "isolation": isolation}.items() if v is not None
+        }
         result: ExecutionResult = await self._call(self.executor.execute, code, env, language=language, **fields)
         return result
 
-    async def create_session(self, language: str, image: str | None) -> SessionInfo:
-        info: SessionInfo = await self._call(self.sessions.create, self.user_id, language, image, tenant=self.tenant)
+    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
+        info: SessionInfo = await self._call(
+            self.sessions.create, self.user_id, language, image, tenant=self.tenant, isolation=isolation
+        )
         return info
 
     async def session_call(

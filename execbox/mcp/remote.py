@@ -29,16 +29,16 @@ class RemoteBackend(McpBackend):
         files: dict[str, bytes],
         collect: list[str],
         image: str | None,
+        isolation: str | None = None,
     ) -> ExecutionResult:
         fields: dict[str, Any] = {"files": files, "collect": collect}
-        if timeout is not None:
-            fields["timeout"] = timeout
-        if image is not None:
-            fields["image"] = image
+        fields |= {
+            k: v for k, v in {"timeout": timeout, "image": image, "isolation": isolation}.items() if v is not None
+        }
         return await self.client.execute(code, env, language=language, **fields)
 
-    async def create_session(self, language: str, image: str | None) -> SessionInfo:
-        return await self.client.create_session(self.user_id, language, image=image)
+    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
+        return await self.client.create_session(self.user_id, language, image=image, isolation=isolation)
 
     async def session_call(
         self,

@@ -52,6 +52,14 @@ Files = Annotated[
     dict[str, str] | None,
     Field(description="Text files to write into /work first: relative path -> content (UTF-8)."),
 ]
+Isolation = Annotated[
+    str | None,
+    Field(
+        description="'container' (the default: Linux namespaces and seccomp) or 'gvisor' (a user-space kernel"
+        " between the code and the host: stronger, slower to start, some system calls differ). The tenant's"
+        " policy may force or forbid one."
+    ),
+]
 
 
 class WrittenOutput(BaseModel):
@@ -123,6 +131,7 @@ def build_server(backend_for: BackendFor, **options: Any) -> FastMCP:
             list[str] | None, Field(description="Glob patterns ('*.png', 'out/**') of files in /work to return.")
         ] = None,
         image: Annotated[str | None, Field(description="A package image name, e.g. 'data' (if built).")] = None,
+        isolation: Isolation = None,
     ) -> Annotated[CallToolResult, RunOutput]:
         backend = await backend_for(ctx)
         try:
@@ -134,6 +143,7 @@ def build_server(backend_for: BackendFor, **options: Any) -> FastMCP:
                 files=_encoded(files),
                 collect=collect or [],
                 image=image,
+                isolation=isolation,
             )
         except ExecboxError as exc:
             raise _tool_error(exc) from None
@@ -145,10 +155,11 @@ def build_server(backend_for: BackendFor, **options: Any) -> FastMCP:
         language: Language,
         ctx: Context[Any, Any, Any],
         image: Annotated[str | None, Field(description="A package image name, e.g. 'data' (if built).")] = None,
+        isolation: Isolation = None,
     ) -> Annotated[CallToolResult, SessionOutput]:
         backend = await backend_for(ctx)
         try:
-            info = await backend.create_session(language, image)
+            info = await backend.create_session(language, image, isolation)
         except ExecboxError as exc:
             raise _tool_error(exc) from None
         return _answer(SessionOutput.of(info))

@@ -60,9 +60,12 @@ class ServiceBackend(McpBackend):
         files: dict[str, bytes],
         collect: list[str],
         image: str | None,
+        isolation: str | None = None,
     ) -> ExecutionResult:
         fields: dict[str, Any] = {"code": code, "language": language, "env": env, "files": files, "collect": collect}
-        fields |= {k: v for k, v in {"timeout": timeout, "image": image}.items() if v is not None}
+        fields |= {
+            k: v for k, v in {"timeout": timeout, "image": image, "isolation": isolation}.items() if v is not None
+        }
         try:
             request = ExecutionRequest.model_validate(fields)
         except pydantic.ValidationError as exc:
@@ -77,9 +80,9 @@ class ServiceBackend(McpBackend):
         except ApiError as exc:
             raise _library_error(self.service, exc) from None
 
-    async def create_session(self, language: str, image: str | None) -> SessionInfo:
+    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
         try:
-            body = SessionCreateRequest(user_id=self.user_id, language=language, image=image)
+            body = SessionCreateRequest(user_id=self.user_id, language=language, image=image, isolation=isolation)
         except pydantic.ValidationError as exc:
             raise invalid_from(exc) from None
         try:
