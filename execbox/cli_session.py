@@ -221,6 +221,18 @@ def _cmd_session_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_session_pause(args: argparse.Namespace) -> int:
+    """``pause`` / ``resume``: the session to disk and back (isolation gvisor)."""
+    with _session_backend(args) as backend:
+        for sid in args.ids:
+            if args.server:
+                info = backend.pause_session(sid) if args.action == "pause" else backend.resume_session(sid)
+            else:
+                info = backend.pause(sid) if args.action == "pause" else backend.resume(sid)
+            print(f"{sid} {'paused' if info.paused else 'running'}")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     """The ``session`` subcommand of the ``execbox`` CLI."""
     session = sub.add_parser(
@@ -295,3 +307,7 @@ def add_parser(sub: Any) -> None:
     rm = ssub.add_parser("rm", parents=[common], help="end sessions now")
     rm.add_argument("ids", nargs="+", metavar="ID")
     rm.set_defaults(func=_cmd_session_rm)
+    for action, text in (("pause", "pause sessions to disk (isolation gvisor)"), ("resume", "resume paused sessions")):
+        cmd = ssub.add_parser(action, parents=[common], help=text)
+        cmd.add_argument("ids", nargs="+", metavar="ID")
+        cmd.set_defaults(func=_cmd_session_pause, action=action)

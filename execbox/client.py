@@ -33,9 +33,10 @@ from .exceptions import (
     SandboxError,
     ServerBusyError,
     ServiceError,
+    SessionStateError,
     WaitTimeoutError,
 )
-from .models import ExecutionRequest, ExecutionResult
+from .models import ExecutionRequest, ExecutionResult, invalid_request
 from .server.schemas import ExecutionJob, Submitted
 from .sessions import SessionResult
 
@@ -63,9 +64,7 @@ def _request(code: str, env: dict[str, str] | None, language: str, fields: dict[
     try:
         req = ExecutionRequest.model_validate({"code": code, "language": language, "env": env or {}, **fields})
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        raise InvalidRequestError(field, str(first.get("msg", "invalid")).removeprefix("Value error, ")) from None
+        raise invalid_request(exc) from None
     body = req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
     if req.secrets:  # model_dump masks their values
         body["secrets"] = {name: secret.wire() for name, secret in req.secrets.items()}
@@ -114,6 +113,8 @@ def error_from(
         return EngineError(message)
     if kind == "sandbox_error":
         return SandboxError(message)
+    if kind == "session_state":
+        return SessionStateError(field or "session_id", message)
     if status == 401:
         return AuthenticationError(message, status)
     if status == 403:

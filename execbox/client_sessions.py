@@ -158,6 +158,14 @@ class SessionsMixin:
         response = self._send("GET", f"/v1/sessions/{_sid(session_id)}", _DEFAULT_TIMEOUT)
         return SessionInfo.model_validate(response.json())
 
+    def pause_session(self, session_id: str) -> SessionInfo:
+        """Pause the session to disk (isolation gvisor; ServiceError 409 otherwise)."""
+        return SessionInfo.model_validate(self._send("POST", f"/v1/sessions/{_sid(session_id)}/pause", 120.0).json())
+
+    def resume_session(self, session_id: str) -> SessionInfo:
+        """Resume a paused session (its next call would too)."""
+        return SessionInfo.model_validate(self._send("POST", f"/v1/sessions/{_sid(session_id)}/resume", 120.0).json())
+
     def delete_session(self, session_id: str) -> None:
         """End the session now (NotFoundError if there is none)."""
         self._send("DELETE", f"/v1/sessions/{_sid(session_id)}", 30.0)
@@ -240,6 +248,16 @@ class AsyncSessionsMixin:
 
     async def get_session(self, session_id: str) -> SessionInfo:
         response = await self._send("GET", f"/v1/sessions/{_sid(session_id)}", _DEFAULT_TIMEOUT)
+        return SessionInfo.model_validate(response.json())
+
+    async def pause_session(self, session_id: str) -> SessionInfo:
+        """Pause the session to disk (isolation gvisor; ServiceError 409 otherwise)."""
+        response = await self._send("POST", f"/v1/sessions/{_sid(session_id)}/pause", 120.0)
+        return SessionInfo.model_validate(response.json())
+
+    async def resume_session(self, session_id: str) -> SessionInfo:
+        """Resume a paused session (its next call would too)."""
+        response = await self._send("POST", f"/v1/sessions/{_sid(session_id)}/resume", 120.0)
         return SessionInfo.model_validate(response.json())
 
     async def delete_session(self, session_id: str) -> None:

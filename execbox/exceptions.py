@@ -13,7 +13,8 @@
     ├── SessionError            a persistent session (``Sessions``) could not be used
     │   ├── SessionNotFoundError     no such session for this tenant (ended, expired, another tenant's)
     │   ├── SessionLimitError        a cap on live sessions is reached (per user or in all); ``retry_after``
-    │   └── SessionBusyError         another call kept the session busy for too long
+    │   ├── SessionBusyError         another call kept the session busy for too long
+    │   └── SessionStateError        not possible for this session (e.g. pausing one not under gvisor); ``field``
     └── ServiceError            the execbox HTTP service failed or could not be reached
         ├── AuthenticationError      401: missing or unknown API key
         ├── PermissionDeniedError    403: the tenant may not use this language/image
@@ -54,6 +55,7 @@ __all__ = [
     "SessionError",
     "SessionLimitError",
     "SessionNotFoundError",
+    "SessionStateError",
     "VolumeBusyError",
     "WaitTimeoutError",
 ]
@@ -111,6 +113,14 @@ class SessionLimitError(SessionError):
 
 class SessionBusyError(SessionError):
     """Another call on the same session did not finish in time for this one to start."""
+
+
+class SessionStateError(SessionError):
+    """The session cannot do that: ``field`` names what decides it (e.g. ``isolation``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class ServiceError(ExecboxError):

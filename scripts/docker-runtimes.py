@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Merge execbox's Docker runtimes (execbox/engine/docker-runtimes.json) into a daemon.json.
+"""Merge execbox's Docker runtimes (execbox/engine/docker-runtimes.json) into a daemon.json,
+with ``"experimental": true`` (checkpoints of gVisor sandboxes: pausing sessions to disk).
 
 Usage: docker-runtimes.py DAEMON_JSON RUNTIMES_JSON. Keeps every other key and runtime
 of an existing file; refuses (exit 1) a file that is not a JSON object rather than
@@ -27,10 +28,12 @@ def main(daemon_json: str, runtimes_json: str) -> int:
         print(f"{daemon_json}: expected a JSON object with an object 'runtimes'", file=sys.stderr)
         return 1
     runtimes = config.setdefault("runtimes", {})
-    if all(runtimes.get(name) == spec for name, spec in ours.items()):
+    # Checkpoints (pausing gVisor sessions to disk) need dockerd's experimental mode.
+    if all(runtimes.get(name) == spec for name, spec in ours.items()) and config.get("experimental") is True:
         print("unchanged")
         return 0
     runtimes.update(ours)
+    config["experimental"] = True
     os.makedirs(os.path.dirname(daemon_json) or ".", exist_ok=True)
     tmp = f"{daemon_json}.execbox-tmp"
     with open(tmp, "w") as f:

@@ -192,6 +192,14 @@ class Engine(ABC):
         """Start ``argv`` in a running sandbox as ``user``; its stdin/stdout/stderr attached."""
         raise EngineError(f"the {self.name} engine cannot start a process in a running sandbox")
 
+    def checkpoint(self, sandbox_id: str, name: str) -> None:
+        """Save the running sandbox's memory and state as checkpoint ``name`` and stop it."""
+        raise EngineError(f"the {self.name} engine cannot checkpoint sandboxes")
+
+    def restore(self, sandbox_id: str, name: str) -> None:
+        """Start the sandbox again from checkpoint ``name`` (then forget the checkpoint)."""
+        raise EngineError(f"the {self.name} engine cannot restore sandboxes")
+
     # -- networks (egress; engines without them refuse) ---------------------------------------
 
     def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:

@@ -334,6 +334,36 @@ class DockerEngine(Engine):
             io = self.api.exec_start(created["Id"], socket=True)
         return DockerChannel(getattr(io, "_sock", io), io)
 
+    def checkpoint(self, sandbox_id: str, name: str) -> None:
+        with _translate(f"checkpoint {sandbox_id[:12]}"):
+            res = self.api._post_json(
+                self.api._url("/containers/{0}/checkpoints", sandbox_id), data={"CheckpointID": name, "Exit": True}
+            )
+            self.api._raise_for_status(res)
+
+    def restore(self, sandbox_id: str, name: str) -> None:
+        # Right after a checkpoint containerd may still hold the stopped task ("id already in use"):
+        # it lets go within moments.
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                with _translate(f"restore {sandbox_id[:12]}"):
+                    res = self.api._post(
+                        self.api._url("/containers/{0}/start", sandbox_id), params={"checkpoint": name}
+                    )
+                    self.api._raise_for_status(res)
+                break
+            except EngineError as exc:
+                if "already in use" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            with _translate(f"delete checkpoint of {sandbox_id[:12]}"):
+                res = self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", sandbox_id, name))
+                self.api._raise_for_status(res)
+        except EngineError as exc:  # it goes with the container
+            log.warning("checkpoint %s of %s kept: %s", name, sandbox_id[:12], exc)
+
     def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:
         with _translate(f"network {name}"):
             found = [n for n in self.api.networks(names=[name]) if n.get("Name") == name]

@@ -96,5 +96,11 @@ class TenantSessions:
     async def get(self, session_id: str) -> SessionInfo:
         return await anyio.to_thread.run_sync(lambda: self.sessions.get(session_id, tenant=self.tenant.name))
 
+    async def pause(self, session_id: str) -> SessionInfo:
+        return await anyio.to_thread.run_sync(lambda: self.sessions.pause(session_id, tenant=self.tenant.name))
+
+    async def resume(self, session_id: str) -> SessionInfo:
+        return await anyio.to_thread.run_sync(lambda: self.sessions.resume(session_id, tenant=self.tenant.name))
+
     async def delete(self, session_id: str) -> None:
         await anyio.to_thread.run_sync(lambda: self.sessions.delete(session_id, tenant=self.tenant.name))

@@ -21,16 +21,16 @@ from ..exceptions import (
 )
 from ..models import invalid_request
 from ..state import StateBusyError
-from .lifecycle import SessionsLifecycle
 from .link import LinkEnded, SessionLink
 from .models import LOCKS, RECORD_KIND, RESTART_SLACK, Record, SessionExecuteRequest, SessionResult
+from .pausing import SessionsPausing
 
 __all__ = ["SessionsCalls"]
 
 log = logging.getLogger("execbox.sessions")
 
 
-class SessionsCalls(SessionsLifecycle):
+class SessionsCalls(SessionsPausing):
     def execute(
         self,
         session_id: str,
@@ -85,6 +85,7 @@ class SessionsCalls(SessionsLifecycle):
         if lost is not None:
             self._end(rec, lost)
             raise SessionNotFoundError(f"session {rec.id} ended: {lost}")
+        resume_ms = self._resume_locked(rec) if rec.paused_at is not None else None
         rec.calls += 1
         rec.last_used_at = time.time()
         if not self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"):
@@ -103,6 +104,7 @@ class SessionsCalls(SessionsLifecycle):
         try:
             result = self._call(rec, link, req, timeout, started, on_output)
             result.network_log = self._take_log(rec)
+            result.resumed, result.resume_ms = resume_ms is not None, resume_ms
         finally:
             link.in_use = False
             with self._lock:

@@ -164,6 +164,8 @@ class SessionsLifecycle(SessionsNetwork):
             return "max lifetime"
         if now >= rec.last_used_at + rec.idle_timeout:
             return "idle"
+        if rec.paused_at is not None:
+            return None  # its container is stopped on purpose (checkpointed); it stays until resumed
         if not has_container:
             return self._check_container(rec)  # listed before the record was? Ask the engine itself.
         return self._check_container(rec) if check_running else None

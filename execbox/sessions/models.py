@@ -17,6 +17,7 @@ from ..models import (
     MAX_COLLECT_PATTERNS,
     FileBytes,
     Limits,
+    RunResult,
     check_code,
     check_env,
     check_rel_path,
@@ -201,6 +202,7 @@ class SessionInfo(BaseModel):
     idle_timeout: float = Field(description="Seconds unused after which the session ends.")
     max_lifetime: float = Field(description="Seconds after creation at which the session ends whatever happens.")
     calls: int = Field(0, description="Calls made so far.")
+    paused: bool = Field(False, description="Paused to disk (gvisor): holds no memory or CPU; a call resumes it.")
 
 
 class SessionList(BaseModel):
@@ -209,32 +211,20 @@ class SessionList(BaseModel):
     sessions: list[SessionInfo] = Field(description="The tenant's live sessions, oldest first.")
 
 
-class SessionResult(BaseModel):
-    """What one call in a session produced. Timeouts and OOM kills are fields, not exceptions."""
+class SessionResult(RunResult):
+    """What one call in a session produced (its output only). Timeouts and OOM kills are fields, not exceptions."""
 
     session_id: str = Field(description="The session.")
     call: int = Field(description="Number of this call in the session (1, 2, ...).")
-    language: str = Field(description="Language of the session.")
     isolation: Isolation = Field("container", description="Isolation of the session the call ran in.")
-    stdout: str = Field("", description="Standard output of this call only, up to limits.output_bytes.")
-    stderr: str = Field("", description="Standard error of this call only, up to limits.output_bytes.")
-    exit_code: int = Field(description="0, 1 for an exception, n for sys.exit(n)/exit n; 128+N when killed by N.")
-    signal: int | None = Field(None, description="Signal that ended the call (2: interrupted at its timeout).")
-    duration_ms: float = Field(description="Wall-clock time of the call, as the caller saw it.")
-    run_ms: float | None = Field(None, description="Time the code itself ran, measured in the sandbox.")
-    timed_out: bool = Field(False, description="The call ran past its timeout and was interrupted or killed.")
-    oom_killed: bool = Field(False, description="The call's process was killed for lack of memory.")
-    output_truncated: bool = Field(False, description="Output beyond limits.output_bytes was dropped.")
-    files: dict[str, FileBytes] = Field(
-        default_factory=dict, description="Files matched by the call's collect patterns (base64 in JSON)."
-    )
-    files_truncated: bool = Field(False, description="Some matching files were left out (size or count cap).")
     repl_reset: bool = Field(
         False,
         description="The REPL was restarted before or during this call (a timeout it did not survive, an OOM"
         " kill, exit()): variables and imports of earlier calls are gone; files in /work stay.",
     )
     session_ended: bool = Field(False, description="The session is over (its container died or stopped answering).")
+    resumed: bool = Field(False, description="The session was paused: this call resumed it first.")
+    resume_ms: float | None = Field(None, description="How long resuming took (restoring it from its checkpoint).")
     network_log: list[NetworkLogEntry] = Field(
         default_factory=list, description="Requests this call made through the egress proxy (headers redacted)."
     )
@@ -267,6 +257,8 @@ class Record(BaseModel):
     registry: str
     creator: str = ""  # owner_id() of the process creating it (a "creating" record dies with it)
     container_id: str | None = None
+    paused_at: float | None = None  # checkpointed to disk (its container stopped) since then
+    resumes: int = 0  # times restored from a checkpoint
 
     @property
     def key(self) -> str:
@@ -304,5 +296,6 @@ class Record(BaseModel):
                 }
             ),
             expires_at=self.expires_at(),
+            paused=self.paused_at is not None,
             network_policy=self.policy,
         )

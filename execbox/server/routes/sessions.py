@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ...exceptions import SessionBusyError, SessionLimitError, SessionNotFoundError
+from ...exceptions import SessionBusyError, SessionLimitError, SessionNotFoundError, SessionStateError
 from ...executor import OutputCallback
 from ...sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionList, SessionResult
 from ..deps import ServiceDep, SessionsDep, TenantDep
@@ -46,6 +46,8 @@ def _mapped() -> Iterator[None]:
         raise ApiError(429, "quota_exceeded", str(exc), retry_after=retry, reason=f"sessions_{exc.scope}") from None
     except SessionBusyError as exc:
         raise ApiError(409, "session_busy", str(exc), retry_after=1, reason="session_busy") from None
+    except SessionStateError as exc:
+        raise ApiError(409, "session_state", str(exc), field=exc.field, reason="session_state") from None
 
 
 @router.post(
@@ -131,6 +133,35 @@ async def execute_in_session(
             return await mine.run_admitted(session_id, body)
     finally:
         admission.release()
+
+
+@router.post(
+    "/v1/sessions/{session_id}/pause",
+    response_model=SessionInfo,
+    summary="Pause a session to disk (isolation gvisor)",
+    description="Its memory (variables, imports) and files are checkpointed and its container stops: it holds"
+    " no memory or CPU until resumed, by `/resume` or by its next call. 409 naming `isolation` for a session"
+    " that is not under gvisor; a running call is waited for.",
+    responses=_RESPONSES,
+)
+async def pause_session(
+    session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
+) -> SessionInfo:
+    with _mapped():
+        return await TenantSessions(service, sessions, tenant).pause(session_id)
+
+
+@router.post(
+    "/v1/sessions/{session_id}/resume",
+    response_model=SessionInfo,
+    summary="Resume a paused session where it was",
+    responses=_RESPONSES,
+)
+async def resume_session(
+    session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
+) -> SessionInfo:
+    with _mapped():
+        return await TenantSessions(service, sessions, tenant).resume(session_id)
 
 
 @router.delete(
