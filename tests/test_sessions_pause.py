@@ -52,13 +52,13 @@ def test_variables_files_and_the_repl_survive_pause_and_resume(engine: Engine, t
 def test_a_new_sessions_over_the_same_registry_resumes_a_paused_session(engine: Engine, tmp_path: Path) -> None:
     store = SQLiteStateStore(tmp_path / "sessions.db")
     with sessions_over(engine, store, start_reaper=False) as first:
-        s = first.create("alice", "javascript", isolation="gvisor")
-        first.execute(s.id, "globalThis.counter = 7")
+        s = first.create("alice", "python", isolation="gvisor")
+        first.execute(s.id, "counter = 7")
         first.pause(s.id)
         first.close()  # a restart: the registry knows the session is paused
         with sessions_over(engine, store, start_reaper=False) as second:
             assert second.get(s.id).paused
-            r = second.execute(s.id, "console.log(counter * 6)")
+            r = second.execute(s.id, "print(counter * 6)")
             assert (r.stdout, r.resumed) == ("42\n", True), r.stderr
     store.close()
 

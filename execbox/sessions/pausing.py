@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import time
 
-from ..exceptions import SessionBusyError, SessionNotFoundError, SessionStateError
+from ..exceptions import EngineError, SandboxError, SessionBusyError, SessionNotFoundError, SessionStateError
 from ..state import StateBusyError
 from .lifecycle import SessionsLifecycle
+from .link import LinkEnded
 from .models import LOCKS, RECORD_KIND, Record, SessionInfo
 
 __all__ = ["SessionsPausing"]
@@ -88,7 +89,14 @@ class SessionsPausing(SessionsLifecycle):
         rec.paused_at = None
         rec.resumes += 1
         self._save(rec)
-        self._connect(rec)  # the agent answers again (through a relay)
+        try:
+            self._connect(rec)  # the agent answers again (through a relay)
+        except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:
+            if self._check_container(rec) is None:
+                raise  # it runs: the engine failed this time
+            # Seen under load with runsc 20221219: the restored sandbox exited at once.
+            self._end(rec, f"it could not be resumed from its checkpoint ({exc})")
+            raise SessionNotFoundError(f"session {rec.id} ended: it could not be resumed from its checkpoint") from None
         took = (time.monotonic() - started) * 1000
         log.info("session %s resumed in %.0f ms", rec.id, took)
         return took
