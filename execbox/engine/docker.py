@@ -5,13 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import select
-import socket
-import struct
 import tarfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +16,9 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
-from ..exceptions import ConfigurationError, EngineError, EngineUnavailableError, ImageNotFoundError, VolumeBusyError
+from ..exceptions import ConfigurationError, EngineError, ImageNotFoundError, VolumeBusyError
+from ._docker import DockerChannel, patch_unix_connect, translate
 from .base import (
-    STDERR,
-    STDOUT,
     Channel,
     Engine,
     ImageInfo,
@@ -38,7 +33,6 @@ from .base import (
 __all__ = ["RUNTIMES_FILE", "DockerEngine", "runtime_of"]
 
 log = logging.getLogger("execbox.engine.docker")
-_HEADER = struct.Struct(">BxxxI")
 _OOM_EVENT_WAIT = 1.0  # seconds a SIGKILLed sandbox's OOM flag may lag its exit
 
 # The Docker runtimes of each isolation, for a sandbox without network and for one on an
@@ -62,41 +56,6 @@ def runtime_of(spec: SandboxSpec) -> str | None:
     return _RUNTIMES[spec.isolation][spec.network is not None]
 
 
-def _connect_closing_on_failure(self: Any) -> None:
-    # docker-py's UnixHTTPConnection.connect leaks its socket when the connect fails
-    # (dockerd down or restarting): every retry would leave an open fd behind.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(self.timeout)
-    try:
-        sock.connect(self.unix_socket)
-    except BaseException:
-        sock.close()
-        raise
-    self.sock = sock
-
-
-def _patch_unix_connect() -> None:
-    from docker.transport import unixconn
-
-    if getattr(unixconn.UnixHTTPConnection.connect, "__name__", "") != _connect_closing_on_failure.__name__:
-        unixconn.UnixHTTPConnection.connect = _connect_closing_on_failure
-
-
-@contextmanager
-def _translate(what: str) -> Iterator[None]:
-    """Map docker SDK / transport errors onto the execbox tree."""
-    try:
-        yield
-    except docker.errors.ImageNotFound as exc:
-        raise ImageNotFoundError(f"{what}: {exc.explanation or exc}") from exc
-    except docker.errors.APIError as exc:
-        raise EngineError(f"{what}: {exc.explanation or exc}") from exc
-    except (requests.exceptions.ConnectionError, ConnectionError, FileNotFoundError) as exc:
-        raise EngineUnavailableError(f"{what}: the Docker Engine does not answer ({exc})") from exc
-    except docker.errors.DockerException as exc:
-        raise EngineError(f"{what}: {exc}") from exc
-
-
 def _tmpfs_options(t: Tmpfs) -> str:
     flags = ["rw"] + (["nosuid"] if t.nosuid else []) + (["nodev"] if t.nodev else [])
     sizes = [f"size={t.size}", f"nr_inodes={t.inodes}", f"mode={t.mode:04o}", f"uid={t.uid}", f"gid={t.uid}"]
@@ -115,76 +74,19 @@ def _seccomp_json(profile: dict[str, Any]) -> str:
     return cached[1]
 
 
-class DockerChannel(Channel):
-    """A hijacked attach connection, demultiplexed (no TTY: 8-byte frame headers)."""
-
-    def __init__(self, sock: socket.socket, keepalive: Any) -> None:
-        self._sock = sock
-        self._keepalive = keepalive  # the SDK's SocketIO; closing it closes the connection
-        self._buf = bytearray()
-        self._eof = False
-
-    def send(self, data: bytes) -> None:
-        self._sock.sendall(data)
-
-    def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        ready, _, _ = select.select([self._sock], [], [], remaining)
-        if not ready:
-            raise TimeoutError
-        chunk = self._sock.recv(1 << 16)
-        if not chunk:
-            self._eof = True
-        self._buf += chunk
-
-    def recv(self, timeout: float) -> tuple[int, bytes] | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self._buf) >= _HEADER.size:
-                stream, length = _HEADER.unpack_from(self._buf)
-                if len(self._buf) >= _HEADER.size + length:
-                    data = bytes(self._buf[_HEADER.size : _HEADER.size + length])
-                    del self._buf[: _HEADER.size + length]
-                    return (STDERR if stream == 2 else STDOUT), data
-            if self._eof:
-                return None
-            self._fill(deadline)
-
-    def alive(self) -> bool:
-        if self._eof:
-            return False
-        ready, _, _ = select.select([self._sock], [], [], 0)
-        if not ready:
-            return True
-        try:
-            # A waiting sandbox sends nothing: readable means EOF (or garbage).
-            return bool(self._sock.recv(1, socket.MSG_PEEK)) and False
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        for closer in (self._sock.close, self._keepalive.close):
-            try:
-                closer()
-            except OSError:
-                pass
-
-
 class DockerEngine(Engine):
     """Sandboxes as Docker containers, through the Docker Engine API."""
 
     name = "docker"
 
     def __init__(self, client: docker.APIClient) -> None:
-        _patch_unix_connect()
+        patch_unix_connect()
         self.api = client
 
     @classmethod
     def from_env(cls, timeout: float = 60) -> DockerEngine:
         """Connect as the docker CLI would (DOCKER_HOST, or the local socket)."""
-        with _translate("connect"):
+        with translate("connect"):
             return cls(docker.from_env(timeout=int(timeout)).api)
 
     @classmethod
@@ -192,11 +94,11 @@ class DockerEngine(Engine):
         """Connect to ``base_url`` (unix://, tcp://, ssh://); None: as ``from_env``."""
         if base_url is None:
             return cls.from_env(timeout)
-        with _translate("connect"):
+        with translate("connect"):
             return cls(docker.APIClient(base_url=base_url, timeout=int(timeout)))
 
     def ping(self) -> None:
-        with _translate("ping"):
+        with translate("ping"):
             self.api.ping()
 
     def image_exists(self, image: str) -> bool:
@@ -241,7 +143,7 @@ class DockerEngine(Engine):
             raise
 
     def _create(self, spec: SandboxSpec) -> str:
-        with _translate("create sandbox"):
+        with translate("create sandbox"):
             created = self.api.create_container(
                 image=spec.image,
                 command=list(spec.command),
@@ -258,25 +160,25 @@ class DockerEngine(Engine):
         return str(created["Id"])
 
     def attach(self, sandbox_id: str) -> Channel:
-        with _translate("attach"):
+        with translate("attach"):
             io = self.api.attach_socket(sandbox_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
         sock = getattr(io, "_sock", io)
         return DockerChannel(sock, io)
 
     def start(self, sandbox_id: str) -> None:
-        with _translate("start sandbox"):
+        with translate("start sandbox"):
             self.api.start(sandbox_id)
 
     def kill(self, sandbox_id: str) -> None:
         try:
-            with _translate("kill sandbox"):
+            with translate("kill sandbox"):
                 self.api.kill(sandbox_id)
         except EngineError as exc:  # already stopped or gone: nothing to kill
             log.debug("kill %s: %s", sandbox_id[:12], exc)
 
     def wait(self, sandbox_id: str, timeout: float) -> SandboxState:
         try:
-            with _translate("wait"):
+            with translate("wait"):
                 self.api.wait(sandbox_id, timeout=max(timeout, 0.001))
         except (EngineError, requests.exceptions.ReadTimeout):
             pass
@@ -290,13 +192,13 @@ class DockerEngine(Engine):
         return state
 
     def state(self, sandbox_id: str) -> SandboxState:
-        with _translate("inspect sandbox"):
+        with translate("inspect sandbox"):
             st = self.api.inspect_container(sandbox_id)["State"]
         return SandboxState(running=bool(st["Running"]), exit_code=st.get("ExitCode"), oom_killed=bool(st["OOMKilled"]))
 
     def remove(self, sandbox_id: str) -> None:
         try:
-            with _translate("remove sandbox"):
+            with translate("remove sandbox"):
                 self.api.remove_container(sandbox_id, force=True, v=True)
         except EngineError as exc:
             if "No such container" in str(exc) or "is already in progress" in str(exc):
@@ -305,7 +207,7 @@ class DockerEngine(Engine):
 
     def list_resources(self, label: str) -> list[ResourceInfo]:
         out: list[ResourceInfo] = []
-        with _translate("list resources"):
+        with translate("list resources"):
             for c in self.api.containers(all=True, filters={"label": label}):
                 out.append(ResourceInfo("container", c["Id"], c.get("Labels") or {}))
             for v in self.api.volumes(filters={"label": label}).get("Volumes") or []:
@@ -319,7 +221,7 @@ class DockerEngine(Engine):
             self.remove(resource.id)
             return
         try:
-            with _translate(f"remove {resource.kind}"):
+            with translate(f"remove {resource.kind}"):
                 if resource.kind == "volume":
                     self.api.remove_volume(resource.id, force=True)
                 else:
@@ -329,13 +231,13 @@ class DockerEngine(Engine):
                 raise
 
     def exec(self, sandbox_id: str, argv: tuple[str, ...], user: str) -> Channel:
-        with _translate(f"exec in sandbox {sandbox_id[:12]}"):
+        with translate(f"exec in sandbox {sandbox_id[:12]}"):
             created = self.api.exec_create(sandbox_id, list(argv), stdin=True, stdout=True, stderr=True, user=user)
             io = self.api.exec_start(created["Id"], socket=True)
         return DockerChannel(getattr(io, "_sock", io), io)
 
     def checkpoint(self, sandbox_id: str, name: str) -> None:
-        with _translate(f"checkpoint {sandbox_id[:12]}"):
+        with translate(f"checkpoint {sandbox_id[:12]}"):
             res = self.api._post_json(
                 self.api._url("/containers/{0}/checkpoints", sandbox_id), data={"CheckpointID": name, "Exit": True}
             )
@@ -347,7 +249,7 @@ class DockerEngine(Engine):
         deadline = time.monotonic() + 10.0
         while True:
             try:
-                with _translate(f"restore {sandbox_id[:12]}"):
+                with translate(f"restore {sandbox_id[:12]}"):
                     res = self.api._post(
                         self.api._url("/containers/{0}/start", sandbox_id), params={"checkpoint": name}
                     )
@@ -358,14 +260,14 @@ class DockerEngine(Engine):
                     raise
                 time.sleep(0.05)
         try:
-            with _translate(f"delete checkpoint of {sandbox_id[:12]}"):
+            with translate(f"delete checkpoint of {sandbox_id[:12]}"):
                 res = self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", sandbox_id, name))
                 self.api._raise_for_status(res)
         except EngineError as exc:  # it goes with the container
             log.warning("checkpoint %s of %s kept: %s", name, sandbox_id[:12], exc)
 
     def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:
-        with _translate(f"network {name}"):
+        with translate(f"network {name}"):
             found = [n for n in self.api.networks(names=[name]) if n.get("Name") == name]
             if found:
                 net = self.api.inspect_network(found[0]["Id"])
@@ -388,7 +290,7 @@ class DockerEngine(Engine):
 
     def remove_network(self, name: str) -> None:
         try:
-            with _translate(f"remove network {name}"):
+            with translate(f"remove network {name}"):
                 self.api.remove_network(name)
         except EngineError as exc:
             if "not found" not in str(exc).lower() and "no such" not in str(exc).lower():
@@ -398,7 +300,7 @@ class DockerEngine(Engine):
 
     def image_info(self, ref: str) -> ImageInfo | None:
         try:
-            with _translate(f"inspect image {ref}"):
+            with translate(f"inspect image {ref}"):
                 info = self.api.inspect_image(ref)
         except ImageNotFoundError:
             return None
@@ -417,7 +319,7 @@ class DockerEngine(Engine):
         filters: dict[str, Any] = {"label": labels}
         if dangling is not None:
             filters["dangling"] = dangling
-        with _translate("list images"):
+        with translate("list images"):
             found = self.api.images(filters=filters)
         return [
             ImageInfo(
@@ -433,7 +335,7 @@ class DockerEngine(Engine):
     def import_image(self, tarball: Path, ref: str, labels: dict[str, str]) -> None:
         repo, _, tag = ref.partition(":")
         changes = [f"LABEL {k}={v}" for k, v in labels.items()]
-        with _translate(f"import {ref}"):
+        with translate(f"import {ref}"):
             self.api.import_image(src=str(tarball), repository=repo, tag=tag or "latest", changes=changes)
 
     def build_image(
@@ -446,7 +348,7 @@ class DockerEngine(Engine):
                 info.size, info.mode, info.mtime = len(data), mode, 0
                 tar.addfile(info, io.BytesIO(data))
         buf.seek(0)
-        with _translate(f"build {tag}"):
+        with translate(f"build {tag}"):
             for chunk in self.api.build(
                 fileobj=buf,
                 custom_context=True,
@@ -464,11 +366,11 @@ class DockerEngine(Engine):
                         yield line
 
     def tag_image(self, ref: str, repository: str, tag: str) -> None:
-        with _translate(f"tag {ref}"):
+        with translate(f"tag {ref}"):
             self.api.tag(ref, repository, tag, force=True)
 
     def remove_image(self, ref: str) -> None:
-        with _translate(f"remove {ref}"):
+        with translate(f"remove {ref}"):
             self.api.remove_image(ref)
 
     # -- volumes ----------------------------------------------------------------------------
@@ -476,14 +378,14 @@ class DockerEngine(Engine):
     def ensure_volume(self, name: str, device: str, labels: dict[str, str]) -> None:
         if self.volume_labels(name) is not None:
             return
-        with _translate("create volume"):
+        with translate("create volume"):
             self.api.create_volume(
                 name=name, driver="local", driver_opts={"type": "none", "o": "bind", "device": device}, labels=labels
             )
 
     def volume_labels(self, name: str) -> dict[str, str] | None:
         try:
-            with _translate("inspect volume"):
+            with translate("inspect volume"):
                 return dict(self.api.inspect_volume(name).get("Labels") or {})
         except EngineError as exc:
             if "no such volume" in str(exc).lower():
@@ -492,7 +394,7 @@ class DockerEngine(Engine):
 
     def remove_volume(self, name: str) -> bool:
         try:
-            with _translate("remove volume"):
+            with translate("remove volume"):
                 self.api.remove_volume(name)
             return True
         except EngineError as exc:
@@ -504,7 +406,7 @@ class DockerEngine(Engine):
             raise
 
     def volume_in_use(self, name: str) -> bool:
-        with _translate("list containers of a volume"):
+        with translate("list containers of a volume"):
             return bool(self.api.containers(filters={"volume": name, "status": "running"}, quiet=True))
 
     def close(self) -> None:

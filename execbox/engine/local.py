@@ -29,10 +29,23 @@ _SANDBOX_DIR = "/opt/execbox/"
 
 
 class _PipeChannel(Channel):
-    def __init__(self, box: _Box) -> None:
+    """A process's stdin, and its stdout/stderr as frames (pumped by threads)."""
+
+    def __init__(self, box: _Box, sandbox_dir: str) -> None:
         self.box = box
+        self.sandbox_dir = sandbox_dir
+        self.proc: subprocess.Popen[bytes] | None = None
         self.items: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
         self._open_streams = 2
+        self.threads: list[threading.Thread] = []
+
+    def pump(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        for pipe, stream in ((proc.stdout, STDOUT), (proc.stderr, STDERR)):
+            assert pipe is not None
+            t = threading.Thread(target=self._pump, args=(pipe, stream), daemon=True)
+            t.start()
+            self.threads.append(t)
 
     def _pump(self, pipe: IO[bytes], stream: int) -> None:
         fd = pipe.fileno()
@@ -41,10 +54,14 @@ class _PipeChannel(Channel):
         self.items.put(None)
 
     def send(self, data: bytes) -> None:
-        # The agent request names the sandbox's working directory: point it at ours.
+        # Messages name paths inside the sandbox (its working directory, the agent's helpers):
+        # point them at ours.
         req = json.loads(data)
-        req["workdir"] = self.box.workdir
-        proc = self.box.proc
+        if "workdir" in req:
+            req["workdir"] = self.box.workdir
+        if "repl_argv" in req:
+            req["repl_argv"] = [a.replace(_SANDBOX_DIR, self.sandbox_dir) for a in req["repl_argv"]]
+        proc = self.proc
         if proc is None or proc.stdin is None:
             raise BrokenPipeError("sandbox not started")
         proc.stdin.write(json.dumps(req).encode() + b"\n")
@@ -63,10 +80,24 @@ class _PipeChannel(Channel):
                 return None
 
     def alive(self) -> bool:
-        return self.box.proc is not None and self.box.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:
         pass
+
+    def reap(self) -> None:
+        """Kill and wait for the process; close its pipes."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for t in self.threads:
+            t.join(5)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
 
 
 @dataclass
@@ -77,7 +108,7 @@ class _Box:
     proc: subprocess.Popen[bytes] | None = None
     channel: _PipeChannel | None = None
     killed: bool = False
-    threads: list[threading.Thread] = field(default_factory=list)
+    execs: list[_PipeChannel] = field(default_factory=list)
 
 
 class LocalEngine(Engine):
@@ -115,8 +146,30 @@ class LocalEngine(Engine):
 
     def attach(self, sandbox_id: str) -> Channel:
         box = self._box(sandbox_id)
-        box.channel = _PipeChannel(box)
+        box.channel = _PipeChannel(box, self.sandbox_dir)
         return box.channel
+
+    def _env(self, box: _Box) -> dict[str, str]:
+        # Boxes share the host's network namespace: each session agent gets a socket name of its own.
+        return {**os.environ, **box.spec.env, "EXECBOX_SESSION_SOCKET": f"execbox-session-{box.id}"}
+
+    def exec(self, sandbox_id: str, argv: tuple[str, ...], user: str) -> Channel:
+        box = self._box(sandbox_id)
+        if box.proc is None or box.proc.poll() is not None:
+            raise EngineError(f"container {sandbox_id} is not running")
+        mapped = [a.replace(_SANDBOX_DIR, self.sandbox_dir) for a in argv]
+        channel = _PipeChannel(box, self.sandbox_dir)
+        proc = subprocess.Popen(
+            [sys.executable if mapped[0] == "python3" else mapped[0], *mapped[1:]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=box.workdir,
+            env=self._env(box),
+        )
+        channel.pump(proc)
+        box.execs.append(channel)
+        return channel
 
     def _argv(self, box: _Box) -> list[str]:
         out = []
@@ -132,14 +185,16 @@ class LocalEngine(Engine):
     def start(self, sandbox_id: str) -> None:
         box = self._box(sandbox_id)
         box.proc = subprocess.Popen(
-            self._argv(box), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=box.workdir
+            self._argv(box),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=box.workdir,
+            env=self._env(box),
         )
-        if box.channel is not None:
-            for pipe, stream in ((box.proc.stdout, STDOUT), (box.proc.stderr, STDERR)):
-                assert pipe is not None
-                t = threading.Thread(target=box.channel._pump, args=(pipe, stream), daemon=True)
-                t.start()
-                box.threads.append(t)
+        if box.channel is None:  # nobody attached: what it writes goes nowhere
+            box.channel = _PipeChannel(box, self.sandbox_dir)
+        box.channel.pump(box.proc)
 
     def kill(self, sandbox_id: str) -> None:
         try:
@@ -169,15 +224,8 @@ class LocalEngine(Engine):
             box = self._boxes.pop(sandbox_id, None)
         if box is None:
             return
-        if box.proc is not None:
-            if box.proc.poll() is None:
-                box.proc.kill()
-            box.proc.wait()
-            for t in box.threads:
-                t.join(5)
-            for f in (box.proc.stdin, box.proc.stdout, box.proc.stderr):
-                if f is not None:
-                    f.close()
+        for channel in [*box.execs, *([box.channel] if box.channel is not None else [])]:
+            channel.reap()
         shutil.rmtree(box.workdir, ignore_errors=True)
 
     def list_resources(self, label: str) -> list[ResourceInfo]:

@@ -52,7 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import agent  # noqa: E402  (the one-shot agent: framing, OOM counter, run() for non-REPL calls)
 from session_parts import MAX_LINE, READ_CHUNK, Conn, Worker  # noqa: E402
 
-SOCKET_NAME = "\0execbox-session"
+# Abstract (per network namespace: each sandbox has its own). The fake local engine, whose
+# "sandboxes" share the host's, names one per sandbox in EXECBOX_SESSION_SOCKET.
+SOCKET_NAME = "\0" + os.environ.get("EXECBOX_SESSION_SOCKET", "execbox-session")
 HELLO_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
 WORKER_READY_TIMEOUT = 30.0
