@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..models import ExecutionRequest, ExecutionResult
 from .schemas import ErrorBody, ExecutionJob, JobStatus
@@ -49,6 +49,18 @@ SecretOf = Callable[[str], str | None]
 
 SHUTDOWN_ERROR = ErrorBody(type="shutting_down", message="the server shut down before the execution ran")
 
+
+
+async def drain(pending: set[asyncio.Task[Any]], grace: float, what: str) -> None:
+    """Let ``pending`` finish within ``grace`` seconds; cancel what is left (and give it 5 s to go)."""
+    if not pending:
+        return
+    log.info("waiting for %d %s", len(pending), what, extra={"in_flight": len(pending)})
+    _, still = await asyncio.wait(pending, timeout=grace)
+    for task in still:
+        task.cancel()
+    if still:
+        await asyncio.wait(still, timeout=5)
 
 class JobLimit(Exception):
     """A job was refused: ``pending_jobs`` (the tenant's unfinished jobs) or ``jobs_full`` (all jobs)."""
@@ -235,11 +247,4 @@ class LocalJobs(JobBackend):
         for task, job in list(self._tasks.items()):
             if job.status == "queued":
                 task.cancel()
-        pending = set(self._tasks)
-        if pending:
-            log.info("waiting for %d async executions", len(pending), extra={"in_flight": len(pending)})
-            _, still = await asyncio.wait(pending, timeout=grace)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=5)
+        await drain(set(self._tasks), grace, "async executions")

@@ -27,7 +27,7 @@ from ..settings import Settings
 from .auth import Tenant
 from .dispatch import Dispatcher
 from .errors import ApiError, from_library
-from .jobs import JobBackend, JobLimit, LocalJobs, Outcome
+from .jobs import JobBackend, JobLimit, LocalJobs, Outcome, drain
 from .logging import bind
 from .metrics import Metrics, outcome_of
 from .quota import Gate, QueueFull, QuotaExceeded, TenantQuotas
@@ -340,12 +340,5 @@ class ExecutionService:
         (embedded) or stay queued for another replica (Redis)."""
         self.accepting = False
         jobs = asyncio.get_running_loop().create_task(self.jobs.shutdown(grace))
-        pending = set(self._tasks)
-        if pending:
-            log.info("waiting for %d background executions", len(pending), extra={"in_flight": len(pending)})
-            _, still = await asyncio.wait(pending, timeout=grace)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=5)
+        await drain(set(self._tasks), grace, "background executions")
         await jobs
