@@ -106,3 +106,14 @@ def test_bad_isolation_names_the_field(value: object) -> None:
         ExecutionRequest(code="1", isolation=value)  # type: ignore[arg-type]
     assert invalid_request(info.value).field == "isolation"
     assert ExecutionRequest(code="1").isolation is None and set(ISOLATIONS) == {"container", "gvisor"}
+
+
+def test_restore_retries_only_the_known_containerd_races() -> None:
+    from execbox.engine.docker import _transient_restore_error
+
+    assert _transient_restore_error("restore ab: id already in use")
+    assert _transient_restore_error(
+        "restore ab: failed to upload checkpoint to containerd: commit failed: content sha256:3c: already exists"
+    )
+    assert not _transient_restore_error("restore ab: container name already exists")
+    assert not _transient_restore_error("restore ab: no such checkpoint")

@@ -244,9 +244,12 @@ class DockerEngine(Engine):
             self.api._raise_for_status(res)
 
     def restore(self, sandbox_id: str, name: str) -> None:
-        # Right after a checkpoint containerd may still hold the stopped task ("id already in use"):
-        # it lets go within moments.
-        deadline = time.monotonic() + 10.0
+        # Two known containerd races, both gone within moments: right after a checkpoint it may
+        # still hold the stopped task ("id already in use"), and a retried upload of the same
+        # checkpoint blob may meet the previous attempt's copy not yet deleted ("commit failed:
+        # content sha256:...: already exists", moby#42900). Retry those with a growing pause.
+        deadline = time.monotonic() + 20.0
+        pause = 0.05
         while True:
             try:
                 with translate(f"restore {sandbox_id[:12]}"):
@@ -256,9 +259,11 @@ class DockerEngine(Engine):
                     self.api._raise_for_status(res)
                 break
             except EngineError as exc:
-                if "already in use" not in str(exc) or time.monotonic() > deadline:
+                if not _transient_restore_error(str(exc)) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
+                log.info("restore of %s retried: %s", sandbox_id[:12], exc)
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
         try:
             with translate(f"delete checkpoint of {sandbox_id[:12]}"):
                 res = self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", sandbox_id, name))
@@ -411,3 +416,7 @@ class DockerEngine(Engine):
 
     def close(self) -> None:
         self.api.close()
+
+
+def _transient_restore_error(message: str) -> bool:
+    return "already in use" in message or ("checkpoint" in message and "already exists" in message)
