@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import redis.asyncio as aioredis
@@ -34,6 +34,9 @@ from .models import ExecutionRequest
 from .queue import Entry, Heartbeat, StreamQueue
 from .settings import Settings
 from .state.keys import node_key, reply_key, run_key
+
+if TYPE_CHECKING:
+    from .node_sessions import NodeSessions
 
 __all__ = ["GROUP", "RUNS", "Node", "node_status", "run_node"]
 
@@ -66,6 +69,7 @@ class Node:
         self.heartbeat = Heartbeat(r, name, ttl)
         self._tasks: set[asyncio.Task[None]] = set()
         self.healthy = asyncio.Event()  # the engine answers: only then does the node take work
+        self.sessions: NodeSessions | None = None  # its sessions and volume affinity (node_sessions.py)
 
     async def publish(self) -> None:
         await self._check_engine()
@@ -83,6 +87,8 @@ class Node:
             asyncio.create_task(self._orphan_loop()),
             asyncio.create_task(self._pull()),
         ]
+        if self.sessions is not None:
+            loops += await self.sessions.start()
         log.info("node %s serving (%d slots)", self.name, self.slots)
         await stop.wait()
         for task in loops:
@@ -92,6 +98,8 @@ class Node:
                 await task
         if self._tasks:
             await asyncio.wait(self._tasks)
+        if self.sessions is not None:
+            await self.sessions.finish()
         await self.heartbeat.stop()
         with contextlib.suppress(redis.exceptions.RedisError):
             await self.r.delete(node_key(self.name))
@@ -156,7 +164,8 @@ class Node:
     async def _handle(self, entry: Entry) -> None:
         self.running += 1
         try:
-            await self._run(entry)
+            if self.sessions is None or not await self.sessions.divert(entry):
+                await self._run(entry)
         except Exception:
             log.exception("run %s failed in the node", entry.fields.get("id"))
         finally:
@@ -221,6 +230,9 @@ def run_node(settings: Settings) -> int:
         host_map=settings.proxy_host_map, network_name=settings.egress_network, proxy_port=settings.egress_proxy_port
     )
     with Executor(settings.engine_url, config=config, state_store=store, egress=egress) as executor:
+        from .node_sessions import NodeSessions, node_sessions
+
+        sessions = node_sessions(settings, executor) if settings.sessions else None
 
         async def main() -> None:
             stop = asyncio.Event()
@@ -229,10 +241,17 @@ def run_node(settings: Settings) -> int:
                 loop.add_signal_handler(sig, stop.set)
             r = aioredis.from_url(str(settings.queue_url), decode_responses=True)
             try:
-                await Node(executor, r, name, settings.node_slots, settings.node_ttl).serve(stop)
+                node = Node(executor, r, name, settings.node_slots, settings.node_ttl)
+                if sessions is not None:
+                    node.sessions = NodeSessions(node, sessions, settings.volume_max_idle)
+                await node.serve(stop)
             finally:
                 await r.aclose()
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        finally:
+            if sessions is not None:
+                sessions.close()  # the reaper stops; the sessions live on for this node's next start
     store.close()
     return 0

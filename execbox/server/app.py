@@ -166,7 +166,7 @@ def create_app(
             service.executor = executor
         if sessions_ is not None:
             service.sessions = sessions_
-        elif settings.sessions:
+        elif settings.sessions and service.session_nodes is None:  # in nodes mode the nodes hold sessions
             ex = service.ex
             service.sessions = await anyio.to_thread.run_sync(lambda: _sessions(settings, ex))
         await service.jobs.start()

@@ -40,8 +40,11 @@ async def _metrics(request: Request) -> Metrics:
     return metrics
 
 
-async def _sessions(request: Request) -> Sessions:
+async def _sessions(request: Request) -> Sessions | None:
+    """The service's own ``Sessions``; None in nodes mode (the nodes hold them: see tenant_nodes.py)."""
     service: ExecutionService = request.app.state.service
+    if service.session_nodes is not None:
+        return None
     if service.sessions is None:
         if not request.app.state.settings.sessions:
             raise ApiError(404, "not_found", "sessions are disabled on this server", reason="not_found")
@@ -60,4 +63,4 @@ ServiceDep = Annotated[ExecutionService, Depends(_service)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
-SessionsDep = Annotated[Sessions, Depends(_sessions)]
+SessionsDep = Annotated[Sessions | None, Depends(_sessions)]

@@ -25,6 +25,7 @@ from ..models import ExecutionRequest, ExecutionResult
 from ..node import GROUP, RUNS
 from ..queue import StreamQueue
 from ..state.keys import NODE, node_key, reply_key, run_key
+from .dispatch_sessions import check_volume_node
 from .errors import ApiError
 
 __all__ = ["Dispatcher"]
@@ -58,6 +59,7 @@ class Dispatcher:
         timeout = request.limits.timeout if request.limits is not None else 10.0
         deadline = time.monotonic() + timeout + GRACE
         try:
+            await check_volume_node(self.r, tenant, request)  # its volume's node, if it has one, must be live
             await self.queue.add(
                 {
                     "id": run_id,

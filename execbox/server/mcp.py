@@ -26,6 +26,7 @@ from .auth import Tenant
 from .errors import ApiError, invalid_from
 from .middleware import TENANT_SCOPE_KEY
 from .service import ExecutionService
+from .tenant_nodes import tenant_sessions
 from .tenant_sessions import TenantSessions
 
 __all__ = ["MCP_PATH", "ServiceBackend", "mcp_route"]
@@ -46,9 +47,9 @@ class ServiceBackend(McpBackend):
         self.service, self.tenant = service, tenant
 
     def _sessions(self) -> TenantSessions:
-        if self.service.sessions is None:
+        if self.service.sessions is None and self.service.session_nodes is None:
             raise NotFoundError("sessions are disabled on this server", 404)
-        return TenantSessions(self.service, self.service.sessions, self.tenant)
+        return tenant_sessions(self.service, self.service.sessions, self.tenant)
 
     async def run(
         self,

@@ -26,6 +26,7 @@ from ..sessions import Sessions
 from ..settings import Settings
 from .auth import Tenant
 from .dispatch import Dispatcher
+from .dispatch_sessions import SessionDispatcher
 from .errors import ApiError, from_library
 from .jobs import JobBackend, JobLimit, LocalJobs, Outcome, drain
 from .logging import bind
@@ -72,6 +73,10 @@ class ExecutionService:
         self.jobs: JobBackend = self._job_backend()
         # With a queue URL, runs go to `execbox node` workers (dispatch.py) instead of this process.
         self.dispatcher: Dispatcher | None = Dispatcher(settings.queue_url) if settings.queue_url else None
+        # ... and sessions live on nodes (dispatch_sessions.py): this process opens no Sessions.
+        self.session_nodes = (
+            SessionDispatcher(self.dispatcher.r) if self.dispatcher is not None and settings.sessions else None
+        )
         self.accepting = True
         self._threads = anyio.CapacityLimiter(settings.max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()

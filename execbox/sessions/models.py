@@ -203,6 +203,7 @@ class SessionInfo(BaseModel):
     max_lifetime: float = Field(description="Seconds after creation at which the session ends whatever happens.")
     calls: int = Field(0, description="Calls made so far.")
     paused: bool = Field(False, description="Paused to disk (gvisor): holds no memory or CPU; a call resumes it.")
+    node: str = Field("", description="The node holding the session (nodes mode: its name; else empty).")
 
 
 class SessionList(BaseModel):
@@ -228,6 +229,7 @@ class SessionResult(RunResult):
     network_log: list[NetworkLogEntry] = Field(
         default_factory=list, description="Requests this call made through the egress proxy (headers redacted)."
     )
+    node: str = Field("", description="The node the call ran on (nodes mode: its name; else empty).")
 
 
 class Record(BaseModel):

@@ -59,3 +59,34 @@ def run_key(run_id: str) -> str:
 
 def reply_key(run_id: str) -> str:
     return f"{REPLY}{run_id}"
+
+SESSION_NODE = PREFIX + "sesnode:"  # JSON {node, tenant, user_id, info}: a session a node holds, TTL = life + grace
+SESSION_INDEX = PREFIX + "sesidx:"  # sorted set of a tenant's node-held session ids (score: expiry), TTL refreshed
+NODE_SESSIONS = PREFIX + "nodeses:"  # sorted set of "tenant/id" a node holds (score: expiry), TTL refreshed
+VOLUME_NODE = PREFIX + "volnode:"  # string: the node holding a user's volume, TTL = volume max idle (refreshed)
+SESSION_CREATE_LOCK = PREFIX + "seslock:"  # redis-py lock: one session creation per user at a time, TTL = its lease
+
+
+def session_node_key(tenant: str, session_id: str) -> str:
+    return f"{SESSION_NODE}{tenant}/{session_id}"
+
+
+def session_index_key(tenant: str) -> str:
+    return f"{SESSION_INDEX}{tenant}"
+
+
+def node_sessions_key(node: str) -> str:
+    return f"{NODE_SESSIONS}{node}"
+
+
+def volume_node_key(tenant: str, user: str) -> str:
+    return f"{VOLUME_NODE}{tenant}:{user}"
+
+
+def session_create_lock_key(tenant: str, user: str) -> str:
+    return f"{SESSION_CREATE_LOCK}{tenant}:{user}"
+
+
+def node_stream(node: str) -> str:
+    """The name (for ``stream_key``) of the stream of work only ``node`` reads: its sessions' calls."""
+    return f"node:{node}"

@@ -18,7 +18,7 @@ from ..deps import ServiceDep, SessionsDep, TenantDep
 from ..errors import ERROR_RESPONSES, ApiError
 from ..schemas import ErrorResponse
 from ..sse import SSE_SCHEMA, sse_doc, stream_events, wants_stream
-from ..tenant_sessions import TenantSessions
+from ..tenant_nodes import tenant_sessions
 
 __all__ = ["router"]
 
@@ -65,7 +65,7 @@ async def create_session(
     body: SessionCreateRequest, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
 ) -> SessionInfo:
     with _mapped():
-        return await TenantSessions(service, sessions, tenant).create(body)
+        return await tenant_sessions(service, sessions, tenant).create(body)
 
 
 @router.get(
@@ -75,7 +75,7 @@ async def create_session(
     responses={401: ERROR_RESPONSES[401]},
 )
 async def list_sessions(tenant: TenantDep, service: ServiceDep, sessions: SessionsDep) -> SessionList:
-    return SessionList(sessions=await TenantSessions(service, sessions, tenant).list())
+    return SessionList(sessions=await tenant_sessions(service, sessions, tenant).list())
 
 
 @router.get(
@@ -89,7 +89,7 @@ async def get_session(
     session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
 ) -> SessionInfo:
     with _mapped():
-        return await TenantSessions(service, sessions, tenant).get(session_id)
+        return await tenant_sessions(service, sessions, tenant).get(session_id)
 
 
 @router.post(
@@ -119,7 +119,7 @@ async def execute_in_session(
     sessions: SessionsDep,
     stream: Annotated[bool, Query(description="Stream server-sent events (as Accept: text/event-stream).")] = False,
 ) -> Any:
-    mine = TenantSessions(service, sessions, tenant)
+    mine = tenant_sessions(service, sessions, tenant)
     admission = await mine.admit(body)
     if wants_stream(stream, request.headers.get("accept")):
 
@@ -148,7 +148,7 @@ async def pause_session(
     session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
 ) -> SessionInfo:
     with _mapped():
-        return await TenantSessions(service, sessions, tenant).pause(session_id)
+        return await tenant_sessions(service, sessions, tenant).pause(session_id)
 
 
 @router.post(
@@ -161,7 +161,7 @@ async def resume_session(
     session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
 ) -> SessionInfo:
     with _mapped():
-        return await TenantSessions(service, sessions, tenant).resume(session_id)
+        return await tenant_sessions(service, sessions, tenant).resume(session_id)
 
 
 @router.delete(
@@ -176,5 +176,5 @@ async def delete_session(
     session_id: SessionId, tenant: TenantDep, service: ServiceDep, sessions: SessionsDep
 ) -> Response:
     with _mapped():
-        await TenantSessions(service, sessions, tenant).delete(session_id)
+        await tenant_sessions(service, sessions, tenant).delete(session_id)
     return Response(status_code=204)
