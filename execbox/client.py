@@ -11,6 +11,7 @@ with the field, as the library would; 401/403/404/429/503 raise the matching
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .exceptions import (
     ExecboxError,
     ImageNotFoundError,
     InvalidRequestError,
+    NodeLostError,
     NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
@@ -113,6 +115,9 @@ def error_from(
         return EngineError(message)
     if kind == "sandbox_error":
         return SandboxError(message)
+    if kind == "node_lost":
+        named = re.search(r"\bnode (\S+)", message)
+        return NodeLostError(message, status, retry_after, named.group(1) if named else None)
     if kind == "session_state":
         return SessionStateError(field or "session_id", message)
     if status == 401:

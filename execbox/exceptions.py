@@ -21,6 +21,7 @@
         ├── NotFoundError            404: no such execution (or another tenant's)
         ├── QuotaExceededError       429: the tenant's rate or concurrency quota; ``retry_after``
         ├── ServerBusyError          503: the service's queue is full; ``retry_after``
+        ├── NodeLostError            410/503 node_lost: the node holding the session (or running the call) died
         └── WaitTimeoutError         an async execution did not finish within ``wait(timeout=)``
 
 The client (``execbox.Client``) raises the same classes as the library for the
@@ -45,6 +46,7 @@ __all__ = [
     "ExecboxError",
     "ImageNotFoundError",
     "InvalidRequestError",
+    "NodeLostError",
     "NotFoundError",
     "PermissionDeniedError",
     "QuotaExceededError",
@@ -163,6 +165,18 @@ class ServerBusyError(ServiceError):
 
     def __init__(self, message: str, status_code: int | None = 503, retry_after: float | None = None) -> None:
         self.retry_after = retry_after
+        super().__init__(message, status_code)
+
+
+class NodeLostError(ServiceError):
+    """The node that held the session, the user's volume or the call is not live (error type ``node_lost``):
+    410 for a session whose node is gone, 503 for a call or run lost with its node. ``node`` names it."""
+
+    def __init__(
+        self, message: str, status_code: int | None = None, retry_after: float | None = None, node: str | None = None
+    ) -> None:
+        self.retry_after = retry_after
+        self.node = node
         super().__init__(message, status_code)
 
 

@@ -213,9 +213,7 @@ class NodeSessions:
 
     def _has_room(self) -> bool:
         return (
-            self.node.healthy.is_set()
-            and not self.node._free.locked()
-            and self._live < self.sessions.config.max_total
+            self.node.healthy.is_set() and not self.node._free.locked() and self._live < self.sessions.config.max_total
         )
 
     async def _pull_creates(self) -> None:
