@@ -107,6 +107,7 @@ class NodeSessions:
         self._ops = asyncio.Semaphore(MAX_OPS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._live = 0  # live sessions in this node's registry (at the last pass, plus creations since)
+        self._creating = 0
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -212,9 +213,10 @@ class NodeSessions:
     # -- creations (pulled while a slot is free) --------------------------------------------------
 
     def _has_room(self) -> bool:
-        return (
-            self.node.healthy.is_set() and not self.node._free.locked() and self._live < self.sessions.config.max_total
-        )
+        """A slot free (runs running and creations under way) and room for one more session here."""
+        node = self.node
+        busy = node.running + self._creating
+        return node.healthy.is_set() and busy < node.slots and self._live < self.sessions.config.max_total
 
     async def _pull_creates(self) -> None:
         while True:
@@ -229,24 +231,27 @@ class NodeSessions:
                 continue
             if entry is not None:
                 self._live += 1  # counted at once: the next read sees it
+                self._creating += 1
                 self._spawn(self._create(entry))
 
     async def _create(self, entry: Entry) -> None:
         fields = entry.fields
-        call_id, tenant = fields["id"], fields["tenant"]
+        call_id, tenant = fields.get("id", ""), fields.get("tenant", "")
+        made = False
         try:
-            left = float(fields["deadline"]) - time.time()
+            left = float(fields.get("deadline") or 0) - time.time()
             if left <= 0:
                 log.info("dropping session creation %s: its caller gave up", call_id)
-                self._live -= 1
                 return
             await self.r.set(run_key(call_id), self.name, px=_px(left + REPLY_TTL))
-            async with self.node._free:  # a slot while the container starts
+            async with self.node._free:  # a slot while the container starts (fair: at most one read's wait)
                 answer = await self._create_now(tenant, fields)
-            if "error" in answer:
-                self._live -= 1
+            made = "info" in answer
             await self._reply(call_id, answer)
         finally:
+            self._creating -= 1
+            if not made:
+                self._live -= 1
             with contextlib.suppress(redis.exceptions.RedisError):
                 await self.creates.ack(entry.id)
 
@@ -275,7 +280,12 @@ class NodeSessions:
             info = await anyio.to_thread.run_sync(create)
         except ExecboxError as exc:
             return error_answer(exc)
-        await self.publish(tenant, info)  # before the answer: the caller's next call finds this node
+        except (KeyError, ValueError) as exc:
+            return error_answer(InvalidRequestError("body", f"unreadable session creation: {exc!r}"))
+        try:
+            await self.publish(tenant, info)  # before the answer: the caller's next call finds this node
+        except redis.exceptions.RedisError as exc:
+            log.warning("session %s not recorded yet (the next pass does): %s", info.id, exc)
         return {"info": info.model_dump(mode="json")}
 
     # -- this node's own stream: calls on its sessions, forwarded volume runs ------------------
@@ -313,7 +323,10 @@ class NodeSessions:
                 answer = error_answer(exc)
             except ExecboxError as exc:
                 answer = error_answer(exc)
-        await self._reply(fields["id"], answer)
+            except Exception as exc:  # never leave the caller waiting for its deadline
+                log.exception("session %s %s failed in the node", sid, op)
+                answer = error_answer(ExecboxError(f"the node failed: {type(exc).__name__}: {exc}"))
+        await self._reply(fields.get("id", ""), answer)
 
     def _handlers(self) -> dict[str, Callable[[str, str, str], Awaitable[dict[str, Any]]]]:
         return {

@@ -114,8 +114,12 @@ class Settings(BaseSettings):
         description="Registry of sessions (redis://... or sqlite:///path), shared by replicas so that a restart"
         " adopts live sessions; default: state_url, else SQLite under data_dir.",
     )
-    session_max_per_user: int = Field(3, ge=1, description="Live sessions per user of a tenant; beyond: 429.")
-    session_max_total: int = Field(32, ge=1, description="Live sessions in all (every tenant); beyond: 429.")
+    session_max_per_user: int = Field(
+        3, ge=1, description="Live sessions per user of a tenant (across nodes with a queue URL); beyond: 429."
+    )
+    session_max_total: int = Field(
+        32, ge=1, description="Live sessions in all (every tenant); beyond: 429. On `execbox node`: that node's."
+    )
     session_idle_timeout: float = Field(600.0, gt=0, description="Default idle timeout of a session (s).")
     session_max_lifetime: float = Field(3600.0, gt=0, description="Default max lifetime of a session (s).")
     session_idle_timeout_limit: float = Field(86400.0, gt=0, description="Largest idle timeout a client may ask.")
