@@ -232,7 +232,7 @@ def run_node(settings: Settings) -> int:
     with Executor(settings.engine_url, config=config, state_store=store, egress=egress) as executor:
         from .node_sessions import NodeSessions, node_sessions
 
-        sessions = node_sessions(settings, executor) if settings.sessions else None
+        sessions = node_sessions(settings, executor) if settings.sessions else None  # volumes either way
 
         async def main() -> None:
             stop = asyncio.Event()
@@ -242,8 +242,7 @@ def run_node(settings: Settings) -> int:
             r = aioredis.from_url(str(settings.queue_url), decode_responses=True)
             try:
                 node = Node(executor, r, name, settings.node_slots, settings.node_ttl)
-                if sessions is not None:
-                    node.sessions = NodeSessions(node, sessions, settings.volume_max_idle)
+                node.sessions = NodeSessions(node, sessions, settings.volume_max_idle)
                 await node.serve(stop)
             finally:
                 await r.aclose()

@@ -18,12 +18,8 @@ registry at every pass (sessions ended by its reaper disappear, live ones missin
 Redis reappear), so a restarted node with the same name and data dir serves its
 sessions again.
 
-Volumes: a run with a user's volume is run by the node that holds the volume
-(``execbox:volnode:<tenant>:<user>``, set by the first node to run one, refreshed at
-every use with the volume's idle TTL). A node that takes such a run from the shared
-stream while another holds the volume forwards it to that node's stream; if the
-holder is not live the run is lost with it (``node_lost`` naming it), never run on an
-empty volume elsewhere.
+Volumes: see ``node_volumes.py`` (runs and backups of a user's volume go to the node that
+holds it); their forwarded entries arrive on this same stream.
 """
 
 from __future__ import annotations
@@ -49,18 +45,17 @@ from .exceptions import (
     SessionStateError,
 )
 from .models import Limits
+from .node_volumes import VOLUME_OPS, NodeVolumes
 from .queue import Entry, StreamQueue
 from .sessions import SessionExecuteRequest, SessionInfo, Sessions, SessionsConfig
 from .sessions.models import LABEL_GRACE
 from .state.keys import (
-    node_key,
     node_sessions_key,
     node_stream,
     reply_key,
     run_key,
     session_index_key,
     session_node_key,
-    volume_node_key,
 )
 
 if TYPE_CHECKING:
@@ -98,10 +93,12 @@ def _px(seconds: float) -> int:
 class NodeSessions:
     """The session side of one ``Node``: creations it takes, its own stream, its records in Redis."""
 
-    def __init__(self, node: Node, sessions: Sessions, volume_ttl: float = 30 * 86400) -> None:
-        self.node, self.sessions, self.volume_ttl = node, sessions, volume_ttl
+    def __init__(self, node: Node, sessions: Sessions | None, volume_ttl: float = 30 * 86400) -> None:
+        """``sessions`` None: this node serves no sessions (``EXECBOX_SESSIONS=false``), volumes still."""
+        self.node, self._sessions = node, sessions
         self.r: aioredis.Redis = node.r
         self.name = node.name
+        self.volumes = NodeVolumes(node, volume_ttl, self._reply, NODE_GROUP)
         self.creates = StreamQueue(self.r, CREATES, "nodes", node.name)
         self.own = StreamQueue(self.r, node_stream(node.name), NODE_GROUP, node.name)
         self._ops = asyncio.Semaphore(MAX_OPS)
@@ -116,13 +113,22 @@ class NodeSessions:
         for queue in (self.creates, self.own):
             await queue.ensure_group()
             await self._drop_stale(queue)
-        await self.sync()
         loop = asyncio.get_running_loop()
-        return [
-            loop.create_task(self._pull_creates()),
-            loop.create_task(self.own.pull(self._ops, self._start_op, block=1.0)),
-            loop.create_task(self._sync_loop()),
-        ]
+        loops = [loop.create_task(self.own.pull(self._ops, self._start_op, block=1.0))]
+        if self._sessions is not None:
+            await self.sync()
+            loops += [loop.create_task(self._pull_creates()), loop.create_task(self._sync_loop())]
+        return loops
+
+    @property
+    def sessions(self) -> Sessions:
+        if self._sessions is None:
+            raise SessionNotFoundError("this node serves no sessions")
+        return self._sessions
+
+    async def divert(self, entry: Entry) -> bool:
+        """A run taken from the shared stream that is another node's (its user's volume): see node_volumes."""
+        return await self.volumes.divert(entry)
 
     async def finish(self) -> None:
         if self._tasks:
@@ -307,8 +313,8 @@ class NodeSessions:
         if float(fields.get("deadline") or 0) <= time.time():
             log.info("dropping %s %s: its caller gave up", op, fields.get("id"))
             return
-        if op == "run":
-            await self._run_volume(entry)
+        if op == "run" or op in VOLUME_OPS:
+            await self.volumes.handle(entry)
             return
         handler = self._handlers().get(op)
         tenant, sid = fields.get("tenant", ""), fields.get("session_id", "")
@@ -374,51 +380,6 @@ class NodeSessions:
         await anyio.to_thread.run_sync(lambda: self.sessions.delete(sid, tenant=tenant))
         await self.forget(tenant, sid)
         return {"deleted": True}
-
-    # -- volume affinity --------------------------------------------------------------------------
-
-    async def divert(self, entry: Entry) -> bool:
-        """A run taken from the shared stream: True if it is not for this node (another holds its user's
-        volume: forwarded there, or lost with it), False to run it here (the affinity now names this node)."""
-        fields = entry.fields
-        try:
-            request = json.loads(fields["request"])
-        except (KeyError, ValueError):
-            return False
-        user = request.get("user_id")
-        if not request.get("volume") or not isinstance(user, str):
-            return False
-        key = volume_node_key(fields.get("tenant", ""), user)
-        if await self.r.set(key, self.name, nx=True, px=_px(self.volume_ttl)):
-            log.info("volume of %s/%s: held by this node from now on", fields.get("tenant"), user)
-            return False
-        found: Any = await self.r.get(key)
-        holder = str(found) if found is not None else None
-        if holder is None or holder == self.name:
-            await self.r.set(key, self.name, px=_px(self.volume_ttl))  # refreshed at every use
-            return False
-        # The caller watches the holder from now on: lost with it if it is not live.
-        left = float(fields.get("deadline") or 0) - time.time()
-        await self.r.set(run_key(fields["id"]), holder, px=_px(max(left, 0) + REPLY_TTL))
-        if await self.r.exists(node_key(holder)):
-            await StreamQueue(self.r, node_stream(holder), NODE_GROUP, self.name).add({**fields, "op": "run"})
-        else:
-            log.warning("run %s: the volume's node %s is not live: lost with it", fields.get("id"), holder)
-        return True
-
-    async def _run_volume(self, entry: Entry) -> None:
-        """A volume run forwarded by another node: run here, under a slot, as if pulled here."""
-        node = self.node
-        async with node._free:
-            node.running += 1
-            try:
-                await self.r.pexpire(
-                    volume_node_key(entry.fields.get("tenant", ""), json.loads(entry.fields["request"])["user_id"]),
-                    _px(self.volume_ttl),
-                )
-                await node._run(Entry(entry.id, {k: v for k, v in entry.fields.items() if k != "op"}))
-            finally:
-                node.running -= 1
 
 
 def node_sessions(settings: Settings, executor: Executor) -> Sessions:

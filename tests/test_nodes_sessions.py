@@ -204,6 +204,26 @@ def test_volume_runs_stick_to_one_node(cluster: Cluster) -> None:
             r = a.post("/v1/execute", json={**run, "code": f"echo {i} >> /data/f; wc -l < /data/f"})
             assert r.status_code == 200 and r.json()["node"] == holder, r.text
             assert r.json()["stdout"] == f"{i + 2}\n"
+        # Backup and restore go to the holder too: export, delete (the affinity goes with the volume), import
+        # (taken by whichever node pulls it, which holds the volume from then on), and the data is back.
+        exported = a.get("/v1/users/vol-user/volume/export")
+        assert exported.status_code == 200 and len(exported.content) >= 1024, exported.text
+        assert a.delete("/v1/users/vol-user/volume").status_code == 204
+        assert c.redis.get(volume_node_key("alpha", "vol-user")) is None
+        gone = a.post("/v1/execute", json={**run, "code": "cat /data/f 2>&1 || true"})
+        assert gone.status_code == 200 and "No such file" in gone.json()["stdout"], gone.text
+        assert a.delete("/v1/users/vol-user/volume").status_code == 204
+        restored = a.put("/v1/users/vol-user/volume/import", content=exported.content)
+        assert restored.status_code == 200 and restored.json()["entries"] >= 1, restored.text
+        holder = c.redis.get(volume_node_key("alpha", "vol-user"))
+        assert holder in c.nodes
+        for _ in range(3):
+            r = a.post("/v1/execute", json={**run, "code": "wc -l < /data/f"})
+            assert r.status_code == 200 and r.json() | {"node": holder} == r.json() and r.json()["stdout"] == "7\n"
+        with c.client(KEY_B) as b:  # another tenant's same user id: its own (empty) volume
+            theirs = b.get("/v1/users/vol-user/volume/export")
+            assert theirs.status_code == 200 and len(theirs.content) < len(exported.content)
+
         # Runs without a volume still go to both nodes.
         others = {a.post("/v1/execute", json={"language": "bash", "code": "true"}).json()["node"] for _ in range(10)}
         assert others == set(c.nodes), others

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from ...state.base import check_id
 from ..deps import ServiceDep, TenantDep
+from ..dispatch_volumes import VolumeDispatcher
 from ..errors import ERROR_RESPONSES, ApiError
 
 __all__ = ["router"]
@@ -85,6 +86,9 @@ async def delete_state(user_id: UserId, tenant: TenantDep, service: ServiceDep) 
 )
 async def delete_volume(user_id: UserId, tenant: TenantDep, service: ServiceDep) -> Response:
     check_id("user_id", user_id)
+    if service.dispatcher is not None:  # nodes mode: the node holding the volume does it
+        await VolumeDispatcher(service.dispatcher.r).delete(tenant.name, user_id)
+        return Response(status_code=204)
     await anyio.to_thread.run_sync(service.ex.volumes.delete, tenant.name, user_id)
     return Response(status_code=204)
 
@@ -97,7 +101,10 @@ async def delete_volume(user_id: UserId, tenant: TenantDep, service: ServiceDep)
 )
 async def export_volume(user_id: UserId, tenant: TenantDep, service: ServiceDep) -> Response:
     check_id("user_id", user_id)
-    data = await anyio.to_thread.run_sync(service.ex.volumes.export_tar, tenant.name, user_id)
+    if service.dispatcher is not None:
+        data = await VolumeDispatcher(service.dispatcher.r).export(tenant.name, user_id)
+    else:
+        data = await anyio.to_thread.run_sync(service.ex.volumes.export_tar, tenant.name, user_id)
     return Response(data, media_type="application/x-tar")
 
 
@@ -111,5 +118,8 @@ async def export_volume(user_id: UserId, tenant: TenantDep, service: ServiceDep)
 async def import_volume(user_id: UserId, request: Request, tenant: TenantDep, service: ServiceDep) -> VolumeImported:
     check_id("user_id", user_id)
     data = await request.body()
-    entries = await anyio.to_thread.run_sync(service.ex.volumes.import_tar, tenant.name, user_id, data)
+    if service.dispatcher is not None:
+        entries = await VolumeDispatcher(service.dispatcher.r).restore(tenant.name, user_id, data)
+    else:
+        entries = await anyio.to_thread.run_sync(service.ex.volumes.import_tar, tenant.name, user_id, data)
     return VolumeImported(entries=entries)
