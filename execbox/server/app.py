@@ -143,7 +143,7 @@ def create_app(
                 isolation=settings.isolation,
                 max_code_bytes=settings.max_code_bytes,
                 data_dir=settings.data_dir,
-                pool=settings.pool_min_ready > 0,
+                pool=settings.pool_min_ready > 0 and not settings.queue_url,  # with nodes, they run everything
                 pool_min_ready=settings.pool_min_ready,
                 pool_max_total=settings.pool_max_total,
                 volume_quota=settings.volume_quota,
