@@ -1,11 +1,12 @@
 """What dispatching runs to nodes costs: one API replica in-process vs the same API with runs on
 `execbox node` workers over Redis, side by side; and how runs spread over the nodes.
 
-    .venv/bin/python bench/cluster.py [--runs 40] [--nodes 2] [--redis redis://127.0.0.1:6399/7]
+    .venv/bin/python bench/cluster.py [--runs 40] [--nodes 2] [--sessions 5] [--redis redis://127.0.0.1:6399/7]
 
 Real processes on this machine: `execbox serve` (in-process runs), `execbox serve --queue-url`
 and N `execbox node` on the same Docker Engine, one Redis. Each call is paced: the warm pools
-are full before it starts. Prints p50/p95 of both and the dispatch overhead. On 2 cores more
+are full before it starts. Prints p50/p95 of both and the dispatch overhead; with ``--sessions N``
+also N sessions on each side (create, 10 calls each, delete: sessions live on the nodes). On 2 cores more
 nodes cannot add throughput (they share the CPU): what a node costs per run here, and the
 Redis operations per run, give the model in the README. Loopback only; bounded in count.
 """
@@ -65,10 +66,40 @@ def pool_ready(client: httpx.Client, url: str) -> float:
     return 0.0
 
 
+def sessions(c: httpx.Client, url: str, n: int, name: str) -> None:
+    """Create n python sessions one after another, 10 paced calls in each, delete them; p50s."""
+    created, calls, deleted, where = [], [], [], Counter[str]()
+    ids: list[str] = []
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            resp = c.post(f"{url}/v1/sessions", json={"user_id": f"bench{i}", "language": "python"})
+            created.append((time.perf_counter() - t) * 1000)
+            assert resp.status_code == 201, resp.text
+            ids.append(resp.json()["id"])
+            where[resp.json().get("node") or "-"] += 1
+            for j in range(10):
+                time.sleep(0.02)
+                t = time.perf_counter()
+                resp = c.post(f"{url}/v1/sessions/{ids[-1]}/execute", json={"code": f"print({j})"})
+                calls.append((time.perf_counter() - t) * 1000)
+                assert resp.status_code == 200, resp.text
+    finally:
+        for sid in ids:
+            t = time.perf_counter()
+            c.delete(f"{url}/v1/sessions/{sid}")
+            deleted.append((time.perf_counter() - t) * 1000)
+    print(
+        f"  sessions, {name:11}: create p50 {pct(created, 50):6.1f} ms, call p50 {pct(calls, 50):5.1f} ms"
+        f" (p95 {pct(calls, 95):5.1f}), delete p50 {pct(deleted, 50):5.1f} ms; by node {dict(where)}"
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=0, help="also time N sessions (create, 10 calls, delete)")
     p.add_argument("--redis", default="redis://127.0.0.1:6399/7")
     args = p.parse_args()
     runs, n_nodes = min(args.runs, 500), min(args.nodes, 4)
@@ -140,6 +171,10 @@ def main() -> int:
             f"p95 {pct(cluster, 95) - pct(single, 95):+.2f} ms"
         )
         print(f"  spread over nodes: {dict(sorted((k, v) for k, v in nodes.items() if v))}")
+        if args.sessions:
+            with httpx.Client(trust_env=False, timeout=60) as c:
+                for name, url in (("single host", single_url), ("on nodes", cluster_url)):
+                    sessions(c, url, min(args.sessions, 10), name)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
