@@ -99,11 +99,17 @@ def raise_for_response(response: httpx.Response) -> None:
         err = {}
     message = str(err.get("message") or response.reason_phrase or f"HTTP {status}")
     kind, field = err.get("type"), err.get("field")
-    raise error_from(status, kind, message, field, _retry_after(response))
+    node = err.get("node") if isinstance(err.get("node"), str) else None
+    raise error_from(status, kind, message, field, _retry_after(response), node)
 
 
 def error_from(
-    status: int | None, kind: str | None, message: str, field: str | None = None, retry_after: float | None = None
+    status: int | None,
+    kind: str | None,
+    message: str,
+    field: str | None = None,
+    retry_after: float | None = None,
+    node: str | None = None,
 ) -> ExecboxError:
     if status in (413, 422) or kind in ("invalid_request", "payload_too_large"):
         return InvalidRequestError(field or "request", message)
@@ -116,8 +122,8 @@ def error_from(
     if kind == "sandbox_error":
         return SandboxError(message)
     if kind == "node_lost":
-        named = re.search(r"\bnode (\S+)", message)
-        return NodeLostError(message, status, retry_after, named.group(1) if named else None)
+        named = re.search(r"\bnode ([\w.@:-]+)", message)  # answers without the node field (runs)
+        return NodeLostError(message, status, retry_after, node or (named.group(1) if named else None))
     if kind == "session_state":
         return SessionStateError(field or "session_id", message)
     if status == 401:

@@ -54,8 +54,8 @@ class Cluster:
 
     def live(self) -> set[str]:
         try:
-            with httpx.Client(trust_env=False) as c:
-                return {n["name"] for n in c.get(f"{self.api.url}/v1/nodes").json()["nodes"]}
+            with self.client() as c:
+                return {n["name"] for n in c.get("/v1/nodes").json()["nodes"]}
         except (httpx.TransportError, ValueError, KeyError):
             return set()
 

@@ -70,6 +70,7 @@ async def check_volume_node(r: aioredis.Redis, tenant: str, request: ExecutionRe
             "node_lost",
             f"node {holder} holds the volume of user {request.user_id!r} and is not live",
             retry_after=2,
+            node=str(holder),
         )
 
 
@@ -105,6 +106,7 @@ class SessionDispatcher:
                 " (unless that node comes back)",
                 field="session_id",
                 reason="node_lost",
+                node=node,
             )
         return node, record
 
@@ -215,7 +217,8 @@ class SessionDispatcher:
             if left <= 0:
                 if holder is None:
                     raise ApiError(503, "no_node", f"no node took the {what} in time", retry_after=2)
-                raise ApiError(503, "node_lost", f"node {holder} did not answer the {what} in time", retry_after=2)
+                message = f"node {holder} did not answer the {what} in time"
+                raise ApiError(503, "node_lost", message, retry_after=2, node=holder)
             got: Any = await self.r.blpop([reply_key(call_id)], timeout=min(1.0, left))
             if got is not None:
                 answer: dict[str, Any] = json.loads(got[1])
@@ -228,7 +231,8 @@ class SessionDispatcher:
                 if last is not None:
                     answer = json.loads(last)
                     return answer
-                raise ApiError(503, "node_lost", f"node {holder} was lost during this {what}", retry_after=2)
+                message = f"node {holder} was lost during this {what}"
+                raise ApiError(503, "node_lost", message, retry_after=2, node=holder)
 
     @staticmethod
     def _result(answer: dict[str, Any], key: str) -> Any:

@@ -41,7 +41,11 @@ class VolumeDispatcher:
             return None
         if not await self.r.exists(node_key(str(found))):
             raise ApiError(
-                503, "node_lost", f"node {found} holds the volume of user {user!r} and is not live", retry_after=2
+                503,
+                "node_lost",
+                f"node {found} holds the volume of user {user!r} and is not live",
+                retry_after=2,
+                node=str(found),
             )
         return str(found)
 

@@ -43,9 +43,11 @@ class ApiError(Exception):
         field: str | None = None,
         retry_after: int | None = None,
         reason: str | None = None,
+        node: str | None = None,
     ) -> None:
         self.status, self.type, self.message = status, type_, message
         self.field, self.retry_after = field, retry_after
+        self.node = node  # node_lost: which node
         self.reason = reason or type_  # label of the rejections metric
         super().__init__(message)
 
@@ -54,6 +56,8 @@ def error_response(err: ApiError) -> JSONResponse:
     body: dict[str, Any] = {"type": err.type, "message": err.message}
     if err.field is not None:
         body["field"] = err.field
+    if err.node is not None:
+        body["node"] = err.node
     headers = {}
     if err.retry_after is not None:
         body["retry_after"] = err.retry_after

@@ -37,7 +37,7 @@ MCP_PATH = "/mcp"
 def _library_error(service: ExecutionService, exc: ApiError) -> ExecboxError:
     """An API error as the exception the client would raise; counted as a rejection, as the API counts it."""
     service.metrics.rejected(exc.reason)
-    return error_from(exc.status, exc.type, exc.message, exc.field, exc.retry_after)
+    return error_from(exc.status, exc.type, exc.message, exc.field, exc.retry_after, exc.node)
 
 
 class ServiceBackend(McpBackend):

@@ -74,6 +74,7 @@ class ErrorBody(BaseModel):
     message: str = Field(description="What went wrong, for a person.")
     field: str | None = Field(None, description="The offending request field (dotted path), if one is to blame.")
     retry_after: int | None = Field(None, description="Seconds to wait before retrying (429 and 503).")
+    node: str | None = Field(None, description="node_lost: the node that is not live.")
 
 
 class FieldError(BaseModel):
