@@ -45,9 +45,16 @@ DB = 9
 
 
 class Cluster:
-    def __init__(self, api: ServeProcess, nodes: dict[str, NodeProcess], r: redis.Redis, data: Path) -> None:
-        self.api, self.nodes, self.redis, self.data = api, nodes, r, data
+    def __init__(self, api: ServeProcess, nodes: dict[str, NodeProcess], r: redis.Redis, data: Path, url: str) -> None:
+        self.api, self.nodes, self.redis, self.data, self.url = api, nodes, r, data, url
         self.created: set[str] = set()
+        self.pids = {n.proc.pid for n in nodes.values()}  # every node process started
+
+    def restart(self, name: str) -> None:
+        """The node again, under the same name and data dir (the old process is dead: reaped here)."""
+        self.nodes[name].proc.wait(30)
+        self.nodes[name] = NodeProcess(self.data, name, self.url)
+        self.pids.add(self.nodes[name].proc.pid)
 
     def client(self, key: str = KEY_A) -> httpx.Client:
         return self.api.client(key)
@@ -75,15 +82,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_url: str, engine: En
     r.flushdb()
     api = ServeProcess(tmp, "api", write_tenants(tmp), EXECBOX_QUEUE_URL=url, EXECBOX_SESSIONS="true")
     nodes = {name: NodeProcess(tmp, name, url) for name in ("node-a", "node-b")}
-    c = Cluster(api, nodes, r, tmp)
+    c = Cluster(api, nodes, r, tmp, url)
     try:
         eventually(lambda: c.live() == set(nodes), 90, 0.2, what="both nodes to be live")
         api.ready()
         yield c
     finally:
         api.stop()
-        pids = {n.proc.pid for n in nodes.values()}
-        for n in nodes.values():
+        pids = c.pids
+        for n in c.nodes.values():
             n.stop()
         # Sessions outlive their node's process by design (a restarted node adopts them): remove ours, and
         # the sandboxes and volumes a killed node left.
@@ -238,17 +245,18 @@ def test_a_killed_node_loses_its_sessions_and_volume_and_the_other_serves(cluste
     assert holder in c.nodes, "needs the volume test first"
     other = next(n for n in c.nodes if n != holder)
     with c.client() as a:
-        by_node: dict[str, str] = {}
+        by_node: dict[str, list[str]] = {name: [] for name in c.nodes}
         for s in a.get("/v1/sessions").json()["sessions"]:
-            by_node.setdefault(s["node"], s["id"])
-        for i in range(10):
-            if set(by_node) == set(c.nodes):
+            by_node[s["node"]].append(s["id"])
+        for i in range(12):  # two on the node to kill, one on the other
+            if len(by_node[holder]) >= 2 and by_node[other]:
                 break
-            s = c.create(a, f"kill-{i}")
-            by_node.setdefault(s["node"], s["id"])
-        assert set(by_node) == set(c.nodes), by_node
-        doomed, survivor = by_node[holder], by_node[other]
-        assert a.post(f"/v1/sessions/{survivor}/execute", json={"code": "y = 7"}).status_code == 200
+            s = c.create(a, f"kill-{i % 4}")
+            by_node[s["node"]].append(s["id"])
+        assert len(by_node[holder]) >= 2 and by_node[other], by_node
+        (doomed, back), survivor = by_node[holder][:2], by_node[other][0]
+        for sid in (survivor, back):
+            assert a.post(f"/v1/sessions/{sid}/execute", json={"code": "y = 7"}).status_code == 200
 
         # A call in flight on the doomed node's session.
         started = time.monotonic()
@@ -262,7 +270,8 @@ def test_a_killed_node_loses_its_sessions_and_volume_and_the_other_serves(cluste
 
         t = threading.Thread(target=call)
         t.start()
-        time.sleep(1.0)  # the call reaches its node (a bound on nothing: the answer is checked, not the time)
+        own_stream = stream_key(node_stream(holder))
+        eventually(lambda: c.redis.xpending(own_stream, "node")["pending"] >= 1, 30, what="the node to take the call")
         os.kill(c.nodes[holder].proc.pid, signal.SIGKILL)
         t.join(60)
         r = result["r"]
@@ -299,3 +308,15 @@ def test_a_killed_node_loses_its_sessions_and_volume_and_the_other_serves(cluste
         assert lost.value.status_code == 410 and lost.value.node == holder
         with pytest.raises(NotFoundError):
             client.get_session("ses_" + "0" * 24)
+
+    # The node back under its name and data dir: its other session answers where it was, its volume too.
+    c.restart(holder)
+    eventually(lambda: holder in c.live(), 90, 0.2, what="the node to be back")
+    with c.client() as a:
+        r = a.post(f"/v1/sessions/{back}/execute", json={"code": "print(y + 35)"})
+        assert r.status_code == 200 and r.json()["node"] == holder and r.json()["stdout"] == "42\n", r.text
+        r = a.post(
+            "/v1/execute", json={"language": "bash", "user_id": "vol-user", "volume": True, "code": "wc -l < /data/f"}
+        )
+        assert r.status_code == 200 and r.json()["node"] == holder and r.json()["stdout"] == "7\n", r.text
+        assert back in {s["id"] for s in a.get("/v1/sessions").json()["sessions"]}
