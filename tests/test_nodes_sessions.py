@@ -80,7 +80,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_url: str, engine: En
     url = redis_url.rsplit("/", 1)[0] + f"/{DB}"
     r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
-    api = ServeProcess(tmp, "api", write_tenants(tmp), EXECBOX_QUEUE_URL=url, EXECBOX_SESSIONS="true")
+    # A per-user cap of 2 on the API, 3 (the default) on the nodes: a third session is refused by the API's count.
+    env = {"EXECBOX_QUEUE_URL": url, "EXECBOX_SESSIONS": "true", "EXECBOX_SESSION_MAX_PER_USER": "2"}
+    api = ServeProcess(tmp, "api", write_tenants(tmp), **env)
     nodes = {name: NodeProcess(tmp, name, url) for name in ("node-a", "node-b")}
     c = Cluster(api, nodes, r, tmp, url)
     try:
@@ -154,10 +156,12 @@ def test_sessions_live_on_nodes_and_every_call_goes_to_their_node(cluster: Clust
         listed = {s["id"]: s["node"] for s in a.get("/v1/sessions").json()["sessions"]}
         assert listed == seen
 
-        # The cap per user (3 by default) holds across nodes: counted from the store, not per node.
-        capped = [c.create(a, "capped") for _ in range(3)]
+        # The cap per user holds across nodes: counted by the API from the store (each node alone would take
+        # one more: their own cap is 3).
+        capped = [c.create(a, "capped") for _ in range(2)]
         over = a.post("/v1/sessions", json={"user_id": "capped", "language": "bash"})
         assert over.status_code == 429 and over.headers.get("retry-after"), over.text
+        assert over.json()["error"]["type"] == "quota_exceeded" and "at most 2" in over.json()["error"]["message"]
         for s in capped:
             assert a.delete(f"/v1/sessions/{s['id']}").status_code == 204
 
@@ -251,7 +255,7 @@ def test_a_killed_node_loses_its_sessions_and_volume_and_the_other_serves(cluste
         for i in range(12):  # two on the node to kill, one on the other
             if len(by_node[holder]) >= 2 and by_node[other]:
                 break
-            s = c.create(a, f"kill-{i % 4}")
+            s = c.create(a, f"kill-{i}")
             by_node[s["node"]].append(s["id"])
         assert len(by_node[holder]) >= 2 and by_node[other], by_node
         (doomed, back), survivor = by_node[holder][:2], by_node[other][0]
