@@ -377,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_cmd_serve)
 
-    node = sub.add_parser("node", help="take runs from a cluster's queue and run them on this host's engine")
+    node = sub.add_parser(
+        "node", help="take runs and sessions from a cluster's queue and run them on this host's engine"
+    )
     node.add_argument(
         "--queue-url", metavar="URL", help="the cluster's Redis, redis://HOST:PORT/DB ($EXECBOX_QUEUE_URL)"
     )
@@ -385,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-url", dest="node_engine_url", metavar="URL", help="this host's engine ($EXECBOX_ENGINE_URL)"
     )
     node.add_argument("--name", metavar="NAME", help="the node's name ($EXECBOX_NODE_NAME; default: the host name)")
-    node.add_argument("--data-dir", metavar="DIR", help="volumes and state of this node ($EXECBOX_DATA_DIR)")
+    node.add_argument("--data-dir", metavar="DIR", help="volumes, sessions and state of this node ($EXECBOX_DATA_DIR)")
     node.add_argument("--slots", type=int, metavar="N", help="runs taken at once ($EXECBOX_NODE_SLOTS; default 4)")
     node.set_defaults(func=_cmd_node)
 

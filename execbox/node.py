@@ -75,6 +75,8 @@ class Node:
         await self._check_engine()
         status = node_status(self.executor, self.name, self.slots, self.running)
         status["healthy"] = self.healthy.is_set()
+        if self.sessions is not None:
+            status["sessions"] = self.sessions.live  # held here (node_sessions.py)
         await self.r.set(node_key(self.name), json.dumps(status), px=max(1, int(self.ttl * 1000)))
 
     async def serve(self, stop: asyncio.Event) -> None:

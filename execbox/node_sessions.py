@@ -121,6 +121,11 @@ class NodeSessions:
         return loops
 
     @property
+    def live(self) -> int:
+        """Live sessions this node holds (as of its last pass, plus creations since)."""
+        return self._live
+
+    @property
     def sessions(self) -> Sessions:
         if self._sessions is None:
             raise SessionNotFoundError("this node serves no sessions")

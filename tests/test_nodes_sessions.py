@@ -155,6 +155,13 @@ def test_sessions_live_on_nodes_and_every_call_goes_to_their_node(cluster: Clust
         # Listing comes from the store: every node's sessions of this tenant, each naming its node.
         listed = {s["id"]: s["node"] for s in a.get("/v1/sessions").json()["sessions"]}
         assert listed == seen
+        held = {n: list(seen.values()).count(n) for n in c.nodes}
+        eventually(
+            lambda: {n["name"]: n["sessions"] for n in a.get("/v1/nodes").json()["nodes"]} == held,
+            30,
+            0.2,
+            what="each node to say how many sessions it holds",
+        )
 
         # The cap per user holds across nodes: counted by the API from the store (each node alone would take
         # one more: their own cap is 3).

@@ -19,6 +19,7 @@ class NodeInfo(BaseModel):
     running: int = Field(description="Runs it is running now.")
     healthy: bool = Field(True, description="Its engine answers (else it takes no work).")
     ready: dict[str, int] = Field(description="Warm sandboxes ready, by language (`+egress`: on the egress network).")
+    sessions: int = Field(0, description="Live sessions it holds (as of its last pass).")
     last_seen: float = Field(description="Unix time of its last status (it refreshes it every few seconds).")
 
 
