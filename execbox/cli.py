@@ -151,6 +151,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "node_slots": args.slots,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    from .server.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)  # as `execbox serve` does
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # until the node's own handlers are set
     return run_node(settings)
 
