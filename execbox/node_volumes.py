@@ -97,7 +97,8 @@ class NodeVolumes:
         left = float(fields.get("deadline") or 0) - time.time()
         await self.r.set(run_key(fields["id"]), holder, px=_px(max(left, 0) + REPLY_TTL))
         if await self.r.exists(node_key(holder)):
-            forwarded = {**fields, "op": fields.get("op") or "run"}
+            # With the shared stream's entry id: acknowledging it again on the holder is a no-op.
+            forwarded = {**fields, "op": fields.get("op") or "run", "entry": entry.id}
             await StreamQueue(self.r, node_stream(holder), self.own_group, self.name).add(forwarded)
         else:
             log.warning("%s: the volume's node %s is not live: lost with it", fields.get("id"), holder)
@@ -115,7 +116,8 @@ class NodeVolumes:
             async with node._free:  # a forwarded run takes a slot here, as if pulled here
                 node.running += 1
                 try:
-                    await node._run(Entry(entry.id, {k: v for k, v in fields.items() if k != "op"}))
+                    run = {k: v for k, v in fields.items() if k not in ("op", "entry")}
+                    await node._run(Entry(fields.get("entry") or entry.id, run))
                 finally:
                     node.running -= 1
             return
