@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import anyio.to_thread
@@ -29,9 +30,11 @@ import redis.exceptions
 
 from .egress import NetworkPolicy
 from .exceptions import ConfigurationError, ExecboxError, InvalidRequestError
-from .executor import Executor
+from .executor import Executor, OutputCallback
 from .models import ExecutionRequest
+from .node_stream import OutputPump
 from .queue import Entry, Heartbeat, StreamQueue
+from .server.metrics import outcome_of
 from .settings import Settings
 from .state.keys import node_key, reply_key, run_key
 
@@ -42,6 +45,11 @@ log = logging.getLogger("execbox.node")
 RUNS = "runs"  # the stream of dispatched runs
 GROUP = "nodes"  # its consumer group: every node
 REPLY_TTL = 60.0
+WATCH = 0.1  # seconds between looks at whether the status changed
+
+
+def _fingerprint(status: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in status.items() if k != "last_seen"}, sort_keys=True)
 
 
 def node_status(executor: Executor, name: str, slots: int, running: int) -> dict[str, Any]:
@@ -66,12 +74,35 @@ class Node:
         self.heartbeat = Heartbeat(r, name, ttl)
         self._tasks: set[asyncio.Task[None]] = set()
         self.healthy = asyncio.Event()  # the engine answers: only then does the node take work
+        self.counts: Counter[str] = Counter()  # runs ended here, by outcome (published with the status)
+        self._published: str = ""  # the fingerprint of the status last written
+
+    def status(self) -> dict[str, Any]:
+        """What this node publishes: ``node_status`` plus its health and its runs by outcome."""
+        status = node_status(self.executor, self.name, self.slots, self.running)
+        status["healthy"] = self.healthy.is_set()
+        status["runs"] = dict(self.counts)
+        return status
 
     async def publish(self) -> None:
         await self._check_engine()
-        status = node_status(self.executor, self.name, self.slots, self.running)
-        status["healthy"] = self.healthy.is_set()
+        await self._write_status()
+
+    async def _write_status(self) -> None:
+        status = self.status()
         await self.r.set(node_key(self.name), json.dumps(status), px=max(1, int(self.ttl * 1000)))
+        self._published = _fingerprint(status)
+
+    async def _watch_loop(self) -> None:
+        """Publish soon after the status changes (a run starts or ends, the pool refills), not only
+        at the periodic refresh: ``/v1/nodes`` and the metrics stay current. At most every ``WATCH`` s."""
+        while True:
+            await asyncio.sleep(WATCH)
+            if _fingerprint(self.status()) != self._published:
+                try:
+                    await self._write_status()
+                except redis.exceptions.RedisError as exc:
+                    log.warning("node status not published: %s", exc)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Take runs until ``stop``; then finish those running and drop the liveness keys."""
@@ -80,6 +111,7 @@ class Node:
         self.heartbeat.start()
         loops = [
             asyncio.create_task(self._publish_loop()),
+            asyncio.create_task(self._watch_loop()),
             asyncio.create_task(self._orphan_loop()),
             asyncio.create_task(self._pull()),
         ]
@@ -171,26 +203,45 @@ class Node:
         left = deadline - time.time()
         if left <= 0:
             log.info("dropping run %s: its caller gave up", run_id)
+            self.counts["dropped"] += 1
             return
         # Recorded before the run starts: a caller that sees this node gone knows its run is lost.
         await self.r.set(run_key(run_id), self.name, px=max(1, int((left + REPLY_TTL) * 1000)))
-        answer: dict[str, Any]
+        # A streaming caller gets the output as it comes, on the run's own stream (node_stream.py).
+        pump = OutputPump(self.r, run_id, left + REPLY_TTL) if fields.get("stream") == "1" else None
+        try:
+            answer = await self._execute(fields, pump.on_output if pump is not None else None)
+        except BaseException:
+            if pump is not None:
+                await pump.cancel()
+            raise
+        if pump is not None:
+            await pump.finish(answer)
+            return
+        async with self.r.pipeline(transaction=True) as p:
+            p.rpush(reply_key(run_id), answer)
+            p.pexpire(reply_key(run_id), int(REPLY_TTL * 1000))
+            await p.execute()
+
+    async def _execute(self, fields: dict[str, str], on_output: OutputCallback | None) -> str:
+        """Run the entry's request here; the answer as JSON (the result, or the library's error)."""
+        error: dict[str, Any]
         try:
             request = ExecutionRequest.model_validate_json(fields["request"])
             ceiling = NetworkPolicy.model_validate_json(fields["ceiling"]) if fields.get("ceiling") else None
             result = await anyio.to_thread.run_sync(
-                lambda: self.executor.run(request, tenant=fields["tenant"], network_ceiling=ceiling)
+                lambda: self.executor.run(request, on_output, tenant=fields["tenant"], network_ceiling=ceiling)
             )
-            answer = {"result": json.loads(result.model_dump_json())}
         except InvalidRequestError as exc:
-            answer = {"error": {"type": "InvalidRequestError", "field": exc.field, "message": exc.message}}
+            error = {"type": "InvalidRequestError", "field": exc.field, "message": exc.message}
         except ExecboxError as exc:
-            answer = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        answer["node"] = self.name
-        async with self.r.pipeline(transaction=True) as p:
-            p.rpush(reply_key(run_id), json.dumps(answer))
-            p.pexpire(reply_key(run_id), int(REPLY_TTL * 1000))
-            await p.execute()
+            error = {"type": type(exc).__name__, "message": str(exc)}
+        else:
+            self.counts[outcome_of(result)] += 1
+            # Serialized once: the result's JSON goes into the answer as it is.
+            return f'{{"node":{json.dumps(self.name)},"result":{result.model_dump_json()}}}'
+        self.counts["failed"] += 1
+        return json.dumps({"node": self.name, "error": error})
 
 
 def run_node(settings: Settings) -> int:

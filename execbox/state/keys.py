@@ -59,3 +59,9 @@ def run_key(run_id: str) -> str:
 
 def reply_key(run_id: str) -> str:
     return f"{REPLY}{run_id}"
+
+OUTPUT = PREFIX + "out:"  # stream: a streamed dispatched run's output chunks, then its answer; TTL = its deadline
+
+
+def output_key(run_id: str) -> str:
+    return f"{OUTPUT}{run_id}"
