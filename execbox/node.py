@@ -205,8 +205,11 @@ class Node:
             log.info("dropping run %s: its caller gave up", run_id)
             self.counts["dropped"] += 1
             return
-        # Recorded before the run starts: a caller that sees this node gone knows its run is lost.
-        await self.r.set(run_key(run_id), self.name, px=max(1, int((left + REPLY_TTL) * 1000)))
+        # Redis recorded this node as the entry's holder when it delivered it (the group's pending
+        # list: the caller's liveness check reads it); the run key says so too, written beside the
+        # run's start rather than before it (one round trip off the run's path).
+        keep = max(1, int((left + REPLY_TTL) * 1000))
+        holding = asyncio.ensure_future(self.r.set(run_key(run_id), self.name, px=keep))
         # A streaming caller gets the output as it comes, on the run's own stream (node_stream.py).
         pump = OutputPump(self.r, run_id, left + REPLY_TTL) if fields.get("stream") == "1" else None
         try:
@@ -215,6 +218,9 @@ class Node:
             if pump is not None:
                 await pump.cancel()
             raise
+        finally:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await holding
         if pump is not None:
             await pump.finish(answer)
             return
@@ -236,6 +242,9 @@ class Node:
             error = {"type": "InvalidRequestError", "field": exc.field, "message": exc.message}
         except ExecboxError as exc:
             error = {"type": type(exc).__name__, "message": str(exc)}
+        except Exception as exc:  # a bug here: the caller still gets an answer, not a wait until its deadline
+            log.exception("run %s failed in the node", fields.get("id"))
+            error = {"type": "ExecboxError", "message": f"the node failed to run it ({type(exc).__name__})"}
         else:
             self.counts[outcome_of(result)] += 1
             # Serialized once: the result's JSON goes into the answer as it is.

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from execbox import Executor
 from execbox.engine.local import LocalEngine
 from execbox.models import ExecutionRequest, Limits
-from execbox.node import Node
+from execbox.node import GROUP, RUNS, Node
 from execbox.node_stream import ENTRY_CHARS, OutputPump, coalesce, stream_receiver
+from execbox.queue import StreamQueue
 from execbox.server.dispatch import Dispatcher
 from execbox.server.errors import ApiError
 from execbox.server.node_metrics import NodeCollector, node_families
@@ -167,7 +168,8 @@ def test_a_dispatched_run_streams_through_a_node_on_the_local_engine(run: Callab
 
 def test_a_streaming_run_whose_holder_is_gone_is_node_lost(run: Callable[[Body], None]) -> None:
     """A 'node' that takes the run, streams a chunk and vanishes: the relay passes the chunk on, then
-    answers node_lost naming it once its liveness key is gone."""
+    answers node_lost naming it once its liveness key is gone (known as the holder from the moment
+    Redis delivered the entry to it)."""
 
     async def body(r: aioredis.Redis, url: str) -> None:
         dispatcher = Dispatcher(url)
@@ -175,13 +177,13 @@ def test_a_streaming_run_whose_holder_is_gone_is_node_lost(run: Callable[[Body],
         seen: list[bytes] = []
 
         async def ghost() -> None:
+            # It never writes the run key: the caller knows its holder from the group's pending list.
+            await r.set(node_key("ghost"), "{}", px=1500)
             entry = None
             while entry is None:
-                entry = await dispatcher.queue.read(0.2)
+                entry = await StreamQueue(r, RUNS, GROUP, "ghost").read(0.2)
             run_id = entry.fields["id"]
-            assert entry.fields["stream"] == "1"
-            await r.set(node_key("ghost"), "{}", px=1500)
-            await r.set(run_key(run_id), "ghost", px=60_000)
+            assert entry.fields["stream"] == "1" and not await r.exists(run_key(run_id))
             pump = OutputPump(r, run_id, ttl=30)
             pump.on_output("stdout", b"hello\n")
             await asyncio.sleep(0.2)

@@ -76,18 +76,29 @@ class Dispatcher:
         }
         try:
             if on_output is None:
-                await self.queue.add(fields)
-                return await self._wait(run_id, deadline, list_receiver(self.r, reply_key(run_id)))
+                entry_id = await self.queue.add(fields)
+                return await self._wait(run_id, entry_id, deadline, list_receiver(self.r, reply_key(run_id)))
             receive, drop = stream_receiver(self.r, run_id, on_output)
             try:
-                await self.queue.add(fields | {"stream": "1"})
-                return await self._wait(run_id, deadline, receive)
+                entry_id = await self.queue.add(fields | {"stream": "1"})
+                return await self._wait(run_id, entry_id, deadline, receive)
             finally:
                 await drop()
         except redis.exceptions.RedisError as exc:
             raise ApiError(503, "queue_unavailable", f"the run queue does not answer: {exc}", retry_after=2) from None
 
-    async def _wait(self, run_id: str, deadline: float, receive: Receive) -> ExecutionResult:
+    async def _holder(self, run_id: str, entry_id: str) -> str | None:
+        """The node holding the run: the one Redis delivered its entry to (the group's pending list, from
+        the moment of delivery), or the one its run key names."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.get(run_key(run_id))
+            p.xpending_range(self.queue.key, GROUP, entry_id, entry_id, 1)
+            named, pending = await p.execute()
+        if named is not None:
+            return str(named)
+        return str(pending[0]["consumer"]) if pending else None
+
+    async def _wait(self, run_id: str, entry_id: str, deadline: float, receive: Receive) -> ExecutionResult:
         """Receive the answer, looking at the holder's liveness at least every second meanwhile."""
         holder: str | None = None
         while True:
@@ -100,8 +111,7 @@ class Dispatcher:
             if got is not None:
                 return self._answer(got, holder)
             if holder is None:
-                found: Any = await self.r.get(run_key(run_id))
-                holder = str(found) if found is not None else None
+                holder = await self._holder(run_id, entry_id)
             if holder is not None and not await self.r.exists(node_key(holder)):
                 # One more look: the answer may have come just before the node went.
                 last = await receive(None)
