@@ -187,24 +187,27 @@ class Node:
 
     async def _handle(self, entry: Entry) -> None:
         self.running += 1
+        acked = False
         try:
-            await self._run(entry)
+            acked = await self._run(entry)
         except Exception:
             log.exception("run %s failed in the node", entry.fields.get("id"))
         finally:
             self.running -= 1
             self._free.release()
-            with contextlib.suppress(redis.exceptions.RedisError):
-                await self.queue.ack(entry.id)
+            if not acked:
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    await self.queue.ack(entry.id)
 
-    async def _run(self, entry: Entry) -> None:
+    async def _run(self, entry: Entry) -> bool:
+        """Run the entry and push its answer; True if the entry was acknowledged with the answer."""
         fields = entry.fields
         run_id, deadline = fields["id"], float(fields["deadline"])
         left = deadline - time.time()
         if left <= 0:
             log.info("dropping run %s: its caller gave up", run_id)
             self.counts["dropped"] += 1
-            return
+            return False
         # Redis recorded this node as the entry's holder when it delivered it (the group's pending
         # list: the caller's liveness check reads it); the run key says so too, written beside the
         # run's start rather than before it (one round trip off the run's path).
@@ -223,11 +226,14 @@ class Node:
                 await holding
         if pump is not None:
             await pump.finish(answer)
-            return
-        async with self.r.pipeline(transaction=True) as p:
+            return False
+        async with self.r.pipeline(transaction=True) as p:  # the answer and the entry's end: one round trip
             p.rpush(reply_key(run_id), answer)
             p.pexpire(reply_key(run_id), int(REPLY_TTL * 1000))
+            p.xack(self.queue.key, GROUP, entry.id)
+            p.xdel(self.queue.key, entry.id)
             await p.execute()
+        return True
 
     async def _execute(self, fields: dict[str, str], on_output: OutputCallback | None) -> str:
         """Run the entry's request here; the answer as JSON (the result, or the library's error)."""

@@ -154,8 +154,12 @@ def test_a_dispatched_run_streams_through_a_node_on_the_local_engine(run: Callab
             bad = ExecutionRequest(language="python", code="1", volume=True, limits=Limits(timeout=10))
             with pytest.raises(Exception, match="user_id"):
                 await dispatcher.run("t", bad, None, on_output)
-            assert node.status()["runs"] == {"ok": 2, "failed": 1}
             assert not [k async for k in r.scan_iter("execbox:out:*")]  # the relay dropped each stream
+            plain = ExecutionRequest(language="python", code="print(2)", limits=Limits(timeout=10))
+            assert (await dispatcher.run("t", plain, None)).stdout == "2\n"  # not streamed: the reply list
+            assert await dispatcher.queue.pending_count() == 0  # every entry acknowledged with its answer...
+            assert await r.xlen(dispatcher.queue.key) == 0  # ...and deleted
+            assert node.status()["runs"] == {"ok": 3, "failed": 1}
         finally:
             stop.set()
             await serving
