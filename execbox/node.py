@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
@@ -294,11 +295,30 @@ def run_node(settings: Settings) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             r = aioredis.from_url(str(settings.queue_url), decode_responses=True)
+            node = Node(executor, r, name, settings.node_slots, settings.node_ttl)
+            stop_metrics = _metrics(settings.node_metrics, node)
             try:
-                await Node(executor, r, name, settings.node_slots, settings.node_ttl).serve(stop)
+                await node.serve(stop)
             finally:
+                stop_metrics()
                 await r.aclose()
 
         asyncio.run(main())
     store.close()
     return 0
+
+
+def _metrics(listen: str | None, node: Node) -> Callable[[], None]:
+    """The node's own /metrics (``--metrics-port``), if asked for; the function that stops it."""
+    if not listen:
+        return lambda: None
+    from .server.node_metrics import NodeSelfCollector, serve_node_metrics
+
+    def pool() -> dict[str, Any] | None:
+        stats = node.executor.pool_stats()
+        return stats.as_dict() if stats is not None else None
+
+    try:
+        return serve_node_metrics(listen, NodeSelfCollector(node.status, pool))
+    except (ValueError, OSError) as exc:
+        raise ConfigurationError(f"EXECBOX_NODE_METRICS / --metrics-port: {exc}") from None

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,7 +26,13 @@ from execbox.node_stream import ENTRY_CHARS, OutputPump, coalesce, stream_receiv
 from execbox.queue import StreamQueue
 from execbox.server.dispatch import Dispatcher
 from execbox.server.errors import ApiError
-from execbox.server.node_metrics import NodeCollector, node_families
+from execbox.server.node_metrics import (
+    NodeCollector,
+    NodeSelfCollector,
+    node_families,
+    parse_listen,
+    serve_node_metrics,
+)
 from execbox.state.keys import node_key, output_key, run_key
 
 Body = Callable[[aioredis.Redis, str], Awaitable[None]]
@@ -265,3 +273,30 @@ def test_threads_calling_on_output_after_the_loop_closed_do_not_raise(run: Calla
     t = threading.Thread(target=holder[0].on_output, args=("stdout", b"late"))
     t.start()
     t.join()
+
+
+def test_parse_listen_takes_a_port_or_host_and_port() -> None:
+    assert parse_listen("9100") == ("127.0.0.1", 9100)
+    assert parse_listen("0.0.0.0:9100") == ("0.0.0.0", 9100)
+    assert parse_listen("[::1]:9100") == ("::1", 9100)
+    for bad in ("", "x", "0", "70000", ":9100", "host:", "host:port"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_a_nodes_own_metrics_endpoint_serves_its_status_and_pool() -> None:
+    status = {"name": "n1", "slots": 2, "running": 1, "healthy": True, "ready": {"python": 2}, "runs": {"ok": 3}}
+    collector = NodeSelfCollector(lambda: status, lambda: {"hits": 5, "miss_wait_ms": 1.5, "ready": 2})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = serve_node_metrics(str(port), collector)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+    finally:
+        stop()
+    assert 'execbox_node_running{node="n1"} 1.0' in text
+    assert 'execbox_node_runs_total{node="n1",outcome="ok"} 3.0' in text
+    assert "execbox_pool_hits 5.0" in text and "execbox_pool_miss_wait_ms 1.5" in text
+    with pytest.raises(httpx.TransportError):  # stopped: nothing listens there any more
+        httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=2)

@@ -23,6 +23,7 @@ import pytest
 
 from execbox.client import Client
 
+from .serverkit import free_port
 from .support import eventually
 from .test_nodes import cluster  # noqa: F401  (the fixture)
 
@@ -57,10 +58,20 @@ def node_series(url: str) -> dict[str, set[str]]:
     return out
 
 
-def test_output_streams_through_a_node_and_metrics_show_each_live_node(cluster: Any) -> None:  # noqa: F811
+def test_output_streams_through_a_node_and_metrics_show_each_live_node(
+    cluster: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     api, c = cluster
-    a, b = c.node("node-a"), c.node("node-b")
+    a = c.node("node-a")
+    port = free_port()
+    popen = subprocess.Popen
+    with monkeypatch.context() as m:  # node-b with its own /metrics: the fixture's command, one flag more
+        m.setattr(subprocess, "Popen", lambda args, **kw: popen([*args, "--metrics-port", str(port)], **kw))
+        b = c.node("node-b")
     eventually(lambda: c.live() == {"node-a", "node-b"}, 90, what="both nodes to be live")
+    own = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+    assert 'execbox_node_slots{node="node-b"} 2.0' in own and "execbox_pool_ready " in own
     with httpx.Client(trust_env=False, timeout=60) as client:
         # Chunks in order, each as it is written, then the result.
         events = list(sse(client, api.url, {"language": "python", "code": SLOW, "timeout": 20}))
@@ -129,6 +140,8 @@ def test_output_streams_through_a_node_and_metrics_show_each_live_node(cluster: 
     b.stop()  # a stopped node's series are gone at the next scrape
     series = node_series(api.url)
     assert "node-b" not in set().union(*series.values()) and series["execbox_node_slots"] == {"node-a"}
+    with pytest.raises(httpx.TransportError):  # its own endpoint went with it
+        httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=5)
     a.stop()
 
 

@@ -82,3 +82,44 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from node_families(self._nodes)
+
+
+class NodeSelfCollector(Collector):
+    """A node's own ``/metrics`` (``execbox node --metrics-port``): its status as the same per-node
+    series, and its pool's counters as ``execbox_pool_*`` (the names the API uses in-process)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], pool: Callable[[], dict[str, Any] | None]) -> None:
+        self._status, self._pool = status, pool
+
+    def collect(self) -> Iterator[Metric]:
+        yield from node_families([self._status()])
+        for field, value in sorted((self._pool() or {}).items()):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield GaugeMetricFamily(f"execbox_pool_{field}", f"The node's pool: {field}.", value=float(value))
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``PORT`` (on 127.0.0.1) or ``HOST:PORT`` (``[v6]:PORT``); ValueError if it is neither."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536 or (sep and not host):
+        raise ValueError(f"not a port or HOST:PORT: {value!r}")
+    return host, int(port)
+
+
+def serve_node_metrics(listen: str, collector: Collector) -> Callable[[], None]:
+    """Serve ``collector`` as Prometheus text at ``listen`` in a thread; the function that stops it."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    host, port = parse_listen(listen)
+    server, thread = start_http_server(port, host, registry)
+    log.info("node metrics on http://%s:%d/metrics", host, port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
