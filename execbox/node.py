@@ -3,12 +3,16 @@
 ``execbox node`` runs one per host, beside that host's container engine. It keeps
 its own warm pool (and egress, volumes) through an ``Executor``, and pulls runs from
 the ``runs`` stream (a consumer group shared by every node) only while it has a free
-slot, so load follows capacity without a scheduler of our own. For each run it
-records that it holds it (``execbox:run:<id>`` = its name) before running, then
-pushes the answer to ``execbox:reply:<id>`` and acknowledges the entry.
+slot, so load follows capacity without a scheduler of our own. Redis records the
+node as the entry's holder when it delivers it (the group's pending list); the node
+also names itself in ``execbox:run:<id>`` as the run starts, then pushes the answer
+to ``execbox:reply:<id>`` and acknowledges the entry in one transaction. A caller
+that streams gets the output on the run's own stream instead, the answer last
+(``node_stream.py``).
 
 Liveness is a key with a TTL (``execbox:node:<name>``, its status as JSON: slots,
-running, ready sandboxes by profile), refreshed at a third of the TTL. An API
+running, ready sandboxes by profile, health, runs by outcome), refreshed at a third
+of the TTL and within ``WATCH`` s of a change. An API
 replica waiting for a run whose node's key is gone answers ``node_lost``; entries a
 dead node held are dropped by the survivors, never run again (code is not
 idempotent). Entries past their deadline (the API gave up) are dropped unrun.

@@ -2,10 +2,13 @@
 
 With ``--queue-url`` a replica runs nothing itself: it appends each run to the
 ``runs`` stream (with its deadline) and waits, by a blocking read, for the answer
-the node that took it pushes. While it waits it watches that node's liveness key
-(``execbox:node:<name>``, a TTL refreshed by the node): gone means the node died
-with the run, answered as 503 ``node_lost`` naming it, within the run's timeout
-plus the key's TTL. Nothing here is kept that another replica would need.
+the node that took it pushes (or, for a caller that streams, for the output chunks
+and then the answer on the run's own stream: ``node_stream.py``). While it waits it
+looks, at least every second, at the liveness key (``execbox:node:<name>``, a TTL
+refreshed by the node) of the node holding the run (the one Redis delivered it to):
+gone means the node died with the run, answered as 503 ``node_lost`` naming it,
+within the run's timeout plus the key's TTL. Nothing here is kept that another
+replica would need.
 """
 
 from __future__ import annotations
