@@ -115,7 +115,7 @@ def test_an_unfinished_stream_answers_nothing_and_the_relay_returns_to_look_at_l
         pump.on_output("stdout", b"partial")
         started = time.monotonic()
         assert await receive(0.3) is None  # output, but no answer: back after the block time
-        assert 0.25 < time.monotonic() - started < 5 and seen == [b"partial"]
+        assert time.monotonic() - started > 0.25 and seen == [b"partial"]  # it waited out the block time
         await pump.cancel()
 
     run(body)
@@ -203,13 +203,13 @@ def test_a_streaming_run_whose_holder_is_gone_is_node_lost(run: Callable[[Body],
 
         task = asyncio.create_task(ghost())
         request = ExecutionRequest(language="python", code="1", limits=Limits(timeout=30))
-        started = time.monotonic()
         with pytest.raises(ApiError) as caught:
             await dispatcher.run("t", request, None, lambda s, c: seen.append(c))
         await task
-        assert caught.value.type == "node_lost" and "ghost" in caught.value.message
+        # Noticed by its liveness key, not by the deadline ("did not answer in time").
+        assert caught.value.type == "node_lost"
+        assert caught.value.message == "node ghost was lost while running this execution"
         assert seen == [b"hello\n"]
-        assert time.monotonic() - started < 30  # well before the deadline: noticed by liveness
         await dispatcher.close()
 
     run(body)
