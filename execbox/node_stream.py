@@ -8,10 +8,13 @@ as the in-process stream does), merges what came meanwhile, and appends it to
 stream, so the relay sees every chunk before the result. Output limits apply on the
 node before the callback (the same caps and truncation as in-process).
 
-The stream is bounded: entries are at most ``ENTRY_CHARS`` characters, the first
-``FAST_ENTRIES`` batches go at once and later ones at most every ``SLOW_INTERVAL``
-s, so a run within the service's maximum limits (300 s, 64 MiB per stream) adds
-fewer than ``MAXLEN`` entries, the length every ``XADD`` trims to (a hard bound).
+The stream is bounded: each entry holds the chunks of one batch in order (JSON
+pairs of stream and text), at most ``ENTRY_CHARS`` characters (a bigger batch takes
+``characters / ENTRY_CHARS + 1`` entries, however its streams interleave); the first
+``FAST_ENTRIES`` entries go at once and later batches at most every
+``SLOW_INTERVAL`` s. A run within the service's maximum limits (300 s + the 15 s
+grace, 64 MiB per stream) thus adds at most about 1000 + 6300 + 2048 entries, fewer
+than ``MAXLEN``, the length every ``XADD`` trims to (a hard bound never reached).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import redis.exceptions
 
 from .state.keys import output_key
 
-__all__ = ["ENTRY_CHARS", "MAXLEN", "OutputPump", "Receive", "coalesce", "list_receiver", "stream_receiver"]
+__all__ = ["ENTRY_CHARS", "MAXLEN", "OutputPump", "Receive", "list_receiver", "pack", "stream_receiver"]
 
 log = logging.getLogger("execbox.node")
 
@@ -38,25 +41,34 @@ ENTRY_CHARS = 64 << 10  # characters of output in one stream entry at most
 FAST_ENTRIES = 1000  # entries added as soon as output comes
 SLOW_INTERVAL = 0.05  # beyond those, one batch per this many seconds (output merges meanwhile)
 MAXLEN = 10_000  # every XADD trims the stream to this length (never reached within the maximum limits)
-END = "end"  # the kind of the last entry: the node's answer (JSON)
+END = "end"  # the field of the last entry: the node's answer (JSON); others have "c", the chunks
 
 # One step of waiting for a run's answer: block up to the given seconds (None: do not block);
 # the answer, or None if it has not come yet.
 Receive = Callable[[float | None], Awaitable[dict[str, Any] | None]]
 
 
-def coalesce(chunks: list[tuple[str, str]], limit: int = ENTRY_CHARS) -> list[tuple[str, str]]:
-    """Consecutive chunks of one stream merged, in order; none longer than ``limit`` characters."""
-    out: list[tuple[str, str]] = []
+def pack(chunks: list[tuple[str, str]], limit: int = ENTRY_CHARS) -> list[list[tuple[str, str]]]:
+    """``(stream, text)`` chunks in order as groups of at most ``limit`` characters (all but the last
+    exactly that), neighbours of one stream merged: one group per stream entry, so a batch of any
+    interleaving adds at most ``characters / limit + 1`` entries."""
+    groups: list[list[tuple[str, str]]] = []
+    group: list[tuple[str, str]] = []
+    size = 0
     for name, text in chunks:
-        if out and out[-1][0] == name and len(out[-1][1]) < limit:
-            room = limit - len(out[-1][1])
-            out[-1] = (name, out[-1][1] + text[:room])
-            text = text[room:]
         while text:
-            out.append((name, text[:limit]))
-            text = text[limit:]
-    return out
+            part, text = text[: limit - size], text[limit - size :]
+            if group and group[-1][0] == name:
+                group[-1] = (name, group[-1][1] + part)
+            else:
+                group.append((name, part))
+            size += len(part)
+            if size >= limit:
+                groups.append(group)
+                group, size = [], 0
+    if group:
+        groups.append(group)
+    return groups
 
 
 class OutputPump:
@@ -83,7 +95,7 @@ class OutputPump:
         """After the run: the output still queued, then the answer (JSON) as the last entry."""
         self._queue.put_nowait(None)
         await self._task
-        await self._add([(END, answer)])
+        await self._add([{END: answer}])
 
     async def cancel(self) -> None:
         self._task.cancel()
@@ -103,22 +115,22 @@ class OutputPump:
                     texts.extend((n, d.decode(b"", final=True)) for n, d in self._decoders.items())
                 else:
                     texts.append((item[0], self._decoders[item[0]].decode(item[1])))
-            batch = coalesce([(n, t) for n, t in texts if t])
-            if batch:
+            groups = pack([(n, t) for n, t in texts if t])
+            if groups:
                 try:
-                    await self._add(batch)
+                    await self._add([{"c": json.dumps(g, separators=(",", ":"))} for g in groups])
                 except redis.exceptions.RedisError as exc:  # the result still carries all of it
                     log.warning("output of a run not streamed: %s", exc)
             if self.entries >= FAST_ENTRIES and not done:
                 await asyncio.sleep(SLOW_INTERVAL)
 
-    async def _add(self, batch: list[tuple[str, str]]) -> None:
+    async def _add(self, entries: list[dict[str, str]]) -> None:
         async with self.r.pipeline(transaction=False) as p:
-            for name, text in batch:
-                p.xadd(self.key, {"s": name, "d": text}, maxlen=MAXLEN, approximate=True)
+            for fields in entries:
+                p.xadd(self.key, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
             p.pexpire(self.key, self.ttl_ms)
             await p.execute()
-        self.entries += len(batch)
+        self.entries += len(entries)
 
 
 def stream_receiver(
@@ -140,10 +152,11 @@ def stream_receiver(
             for _, entries in got:
                 for entry_id, fields in entries:
                     last = entry_id
-                    if fields.get("s") == END:
-                        answer: dict[str, Any] = json.loads(fields["d"])
+                    if END in fields:
+                        answer: dict[str, Any] = json.loads(fields[END])
                         return answer
-                    on_output(fields["s"], fields["d"].encode())
+                    for name, text in json.loads(fields.get("c", "[]")):
+                        on_output(str(name), str(text).encode())
             if block is None or time.monotonic() - started >= block:
                 return None  # output came but no answer yet: the caller looks at the node's liveness
 

@@ -18,11 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from execbox import Executor
+from execbox import Executor, node_stream
 from execbox.engine.local import LocalEngine
 from execbox.models import ExecutionRequest, Limits
 from execbox.node import GROUP, RUNS, Node
-from execbox.node_stream import ENTRY_CHARS, OutputPump, coalesce, stream_receiver
+from execbox.node_stream import ENTRY_CHARS, OutputPump, pack, stream_receiver
 from execbox.queue import StreamQueue
 from execbox.server.dispatch import Dispatcher
 from execbox.server.errors import ApiError
@@ -58,17 +58,20 @@ def run(redis_url: str) -> Iterator[Callable[[Body], None]]:
     yield runner
 
 
-def test_coalesce_merges_neighbours_of_one_stream_in_order_within_the_limit() -> None:
+def test_pack_keeps_order_merges_neighbours_and_bounds_entries_by_characters() -> None:
     chunks = [("stdout", "a"), ("stdout", "b"), ("stderr", "c"), ("stdout", "d"), ("stdout", "e")]
-    assert coalesce(chunks) == [("stdout", "ab"), ("stderr", "c"), ("stdout", "de")]
-    assert coalesce([("stdout", "abcdefg"), ("stdout", "hi")], limit=3) == [
-        ("stdout", "abc"),
-        ("stdout", "def"),
-        ("stdout", "ghi"),
+    assert pack(chunks) == [[("stdout", "ab"), ("stderr", "c"), ("stdout", "de")]]
+    assert pack([("stdout", "abcdefg"), ("stderr", "hi")], limit=3) == [
+        [("stdout", "abc")],
+        [("stdout", "def")],
+        [("stdout", "g"), ("stderr", "hi")],
     ]
-    assert coalesce([]) == []
-    big = coalesce([("stderr", "x" * (ENTRY_CHARS + 1))])
-    assert [len(t) for _, t in big] == [ENTRY_CHARS, 1]
+    assert pack([]) == []
+    assert [len(g[0][1]) for g in pack([("stderr", "x" * (ENTRY_CHARS + 1))])] == [ENTRY_CHARS, 1]
+    # Any interleaving: as many groups as the characters need, not one per switch of stream.
+    interleaved = [("stdout" if i % 2 else "stderr", "z") for i in range(10_000)]
+    groups = pack(interleaved, limit=1000)
+    assert len(groups) == 10 and [c for g in groups for c in g] == interleaved
 
 
 def test_the_pump_carries_chunks_from_a_thread_in_order_then_the_answer(run: Callable[[Body], None]) -> None:
@@ -86,7 +89,7 @@ def test_the_pump_carries_chunks_from_a_thread_in_order_then_the_answer(run: Cal
         await asyncio.to_thread(program)
         await pump.finish(json.dumps({"result": "done"}))
         assert 0 < await r.pttl(output_key("run1")) <= 30_000  # every key has a TTL
-        assert await r.xlen(output_key("run1")) <= 200 + 2  # merged while an XADD was in flight
+        assert await r.xlen(output_key("run1")) <= 200 + 1  # one entry per batch (merged while an XADD ran)
 
         seen: list[tuple[str, bytes]] = []
         receive, drop = stream_receiver(r, "run1", lambda s, c: seen.append((s, c)), batch=7)
@@ -100,6 +103,36 @@ def test_the_pump_carries_chunks_from_a_thread_in_order_then_the_answer(run: Cal
         assert await receive(None) is None  # nothing after the answer
         await drop()
         assert not await r.exists(output_key("run1"))
+
+    run(body)
+
+
+def test_past_the_fast_entries_the_pump_adds_one_batch_per_interval(
+    run: Callable[[Body], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound on the stream's length: a program writing all the time, switching streams at every
+    write, adds one entry per interval once past the fast ones, with everything in order."""
+    monkeypatch.setattr(node_stream, "FAST_ENTRIES", 3)
+
+    async def body(r: aioredis.Redis, url: str) -> None:
+        pump = OutputPump(r, "run4", ttl=30)
+        writes = [("stdout" if i % 2 else "stderr", f"{i},".encode()) for i in range(400)]
+
+        def program() -> None:
+            for name, chunk in writes:
+                pump.on_output(name, chunk)
+                time.sleep(0.001)
+
+        started = time.monotonic()
+        await asyncio.to_thread(program)
+        await pump.finish("{}")
+        elapsed = time.monotonic() - started
+        assert pump.entries <= 3 + elapsed / node_stream.SLOW_INTERVAL + 2 < len(writes)
+        seen: list[tuple[str, bytes]] = []
+        receive, _ = stream_receiver(r, "run4", lambda n, c: seen.append((n, c)))
+        while await receive(1.0) is None:
+            pass
+        assert seen == writes  # every switch of stream kept, in order
 
     run(body)
 
