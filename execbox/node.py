@@ -275,6 +275,13 @@ def run_node(settings: Settings) -> int:
 
     if not settings.queue_url:
         raise ConfigurationError("execbox node needs --queue-url (or EXECBOX_QUEUE_URL): the Redis of the cluster")
+    if settings.node_metrics:
+        from .server.node_metrics import parse_listen
+
+        try:
+            parse_listen(settings.node_metrics)
+        except ValueError as exc:
+            raise ConfigurationError(f"EXECBOX_NODE_METRICS / --metrics-port: {exc}") from None
     name = settings.node_name or socket.gethostname()
     config = ExecutorConfig(
         image=settings.image,

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -333,3 +336,15 @@ def test_a_nodes_own_metrics_endpoint_serves_its_status_and_pool() -> None:
     assert "execbox_pool_hits 5.0" in text and "execbox_pool_miss_wait_ms 1.5" in text
     with pytest.raises(httpx.TransportError):  # stopped: nothing listens there any more
         httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=2)
+
+
+def test_a_bad_metrics_port_is_refused_before_the_node_starts() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECBOX_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "execbox.cli", "node", "--queue-url", "redis://127.0.0.1:1/0", "--metrics-port", "x:y"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "--metrics-port" in done.stderr and "'x:y'" in done.stderr, done.stderr
