@@ -134,7 +134,7 @@ class OutputPump:
 
 
 def stream_receiver(
-    r: aioredis.Redis, run_id: str, on_output: Callable[[str, bytes], None], batch: int = 256
+    r: aioredis.Redis, run_id: str, on_output: Callable[[str, bytes], None], batch: int = 64
 ) -> tuple[Receive, Callable[[], Awaitable[None]]]:
     """The API's end: a ``Receive`` that relays output entries to ``on_output`` and returns the answer
     once its entry comes; and a clean-up that drops the stream."""
