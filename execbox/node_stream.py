@@ -157,8 +157,9 @@ def stream_receiver(
                         return answer
                     for name, text in json.loads(fields.get("c", "[]")):
                         on_output(str(name), str(text).encode())
-            if block is None or time.monotonic() - started >= block:
+            if block is not None and time.monotonic() - started >= block:
                 return None  # output came but no answer yet: the caller looks at the node's liveness
+            # Not blocking (the last look): read on until the stream has nothing more.
 
     async def drop() -> None:
         with contextlib.suppress(redis.exceptions.RedisError):

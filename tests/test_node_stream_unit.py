@@ -104,6 +104,16 @@ def test_the_pump_carries_chunks_from_a_thread_in_order_then_the_answer(run: Cal
         assert out == "".join(f"{i}\n" for i in range(200))
         assert [c for s, c in seen if s == "stderr"] == [euro]
         assert await receive(None) is None  # nothing after the answer
+
+        # The last look (not blocking) reads through any number of entries to the answer.
+        many = OutputPump(r, "run5", ttl=30)
+        for i in range(300):
+            await many._add([{"c": json.dumps([["stdout", f"{i},"]])}])
+        await many.finish(json.dumps({"result": "late"}))
+        tail: list[bytes] = []
+        last_look, drop_late = stream_receiver(r, "run5", lambda s, c: tail.append(c), batch=7)
+        assert await last_look(None) == {"result": "late"} and len(tail) == 300
+        await drop_late()
         await drop()
         assert not await r.exists(output_key("run1"))
 
