@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,6 +165,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         r.flushdb()
+        shutil.rmtree(tmp, ignore_errors=True)  # logs and data dirs of the processes it started
     return 0
 
 
