@@ -105,7 +105,7 @@ def cluster(tmp_path: Path, redis_url: str, engine: Engine) -> Iterator[Any]:
         yield api, Cluster()
     finally:
         api.stop()
-        pids = {n.proc.pid for n in nodes.values()}
+        pids = {n.proc.pid for n in nodes.values()} | {api.pid}  # a replica killed by a test leaves its pool
         for n in nodes.values():
             n.stop()
         # A killed node leaves its sandboxes behind (the reaper of any later process takes them): remove them.
