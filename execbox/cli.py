@@ -149,6 +149,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "node_name": args.name,
         "data_dir": args.data_dir,
         "node_slots": args.slots,
+        "node_metrics": args.metrics_port,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     from .server.logging import configure_logging
@@ -392,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--name", metavar="NAME", help="the node's name ($EXECBOX_NODE_NAME; default: the host name)")
     node.add_argument("--data-dir", metavar="DIR", help="volumes, sessions and state of this node ($EXECBOX_DATA_DIR)")
     node.add_argument("--slots", type=int, metavar="N", help="runs taken at once ($EXECBOX_NODE_SLOTS; default 4)")
+    node.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        help="serve this node's own Prometheus /metrics there (PORT alone: 127.0.0.1; $EXECBOX_NODE_METRICS)",
+    )
     node.set_defaults(func=_cmd_node)
 
     images = sub.add_parser("images", help="sandbox images, and package images built from specs")

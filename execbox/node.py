@@ -3,12 +3,16 @@
 ``execbox node`` runs one per host, beside that host's container engine. It keeps
 its own warm pool (and egress, volumes) through an ``Executor``, and pulls runs from
 the ``runs`` stream (a consumer group shared by every node) only while it has a free
-slot, so load follows capacity without a scheduler of our own. For each run it
-records that it holds it (``execbox:run:<id>`` = its name) before running, then
-pushes the answer to ``execbox:reply:<id>`` and acknowledges the entry.
+slot, so load follows capacity without a scheduler of our own. Redis records the
+node as the entry's holder when it delivers it (the group's pending list); the node
+also names itself in ``execbox:run:<id>`` as the run starts, then pushes the answer
+to ``execbox:reply:<id>`` and acknowledges the entry in one transaction. A caller
+that streams gets the output on the run's own stream instead, the answer last
+(``node_stream.py``).
 
 Liveness is a key with a TTL (``execbox:node:<name>``, its status as JSON: slots,
-running, ready sandboxes by profile), refreshed at a third of the TTL. An API
+running, ready sandboxes by profile, health, runs by outcome), refreshed at a third
+of the TTL and within ``WATCH`` s of a change. An API
 replica waiting for a run whose node's key is gone answers ``node_lost``; entries a
 dead node held are dropped by the survivors, never run again (code is not
 idempotent). Entries past their deadline (the API gave up) are dropped unrun.
@@ -21,6 +25,8 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -29,9 +35,11 @@ import redis.exceptions
 
 from .egress import NetworkPolicy
 from .exceptions import ConfigurationError, ExecboxError, InvalidRequestError
-from .executor import Executor
+from .executor import Executor, OutputCallback
 from .models import ExecutionRequest
+from .node_stream import OutputPump
 from .queue import Entry, Heartbeat, StreamQueue
+from .server.metrics import outcome_of
 from .settings import Settings
 from .state.keys import node_key, reply_key, run_key
 
@@ -45,6 +53,11 @@ log = logging.getLogger("execbox.node")
 RUNS = "runs"  # the stream of dispatched runs
 GROUP = "nodes"  # its consumer group: every node
 REPLY_TTL = 60.0
+WATCH = 0.1  # seconds between looks at whether the status changed
+
+
+def _fingerprint(status: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in status.items() if k != "last_seen"}, sort_keys=True)
 
 
 def node_status(executor: Executor, name: str, slots: int, running: int) -> dict[str, Any]:
@@ -69,15 +82,38 @@ class Node:
         self.heartbeat = Heartbeat(r, name, ttl)
         self._tasks: set[asyncio.Task[None]] = set()
         self.healthy = asyncio.Event()  # the engine answers: only then does the node take work
+        self.counts: Counter[str] = Counter()  # runs ended here, by outcome (published with the status)
+        self._published: str = ""  # the fingerprint of the status last written
         self.sessions: NodeSessions | None = None  # its sessions and volume affinity (node_sessions.py)
+
+    def status(self) -> dict[str, Any]:
+        """What this node publishes: ``node_status`` plus its health and its runs by outcome."""
+        status = node_status(self.executor, self.name, self.slots, self.running)
+        status["healthy"] = self.healthy.is_set()
+        status["runs"] = dict(self.counts)
+        if self.sessions is not None:
+            status["sessions"] = self.sessions.live  # held here (node_sessions.py)
+        return status
 
     async def publish(self) -> None:
         await self._check_engine()
-        status = node_status(self.executor, self.name, self.slots, self.running)
-        status["healthy"] = self.healthy.is_set()
-        if self.sessions is not None:
-            status["sessions"] = self.sessions.live  # held here (node_sessions.py)
+        await self._write_status()
+
+    async def _write_status(self) -> None:
+        status = self.status()
         await self.r.set(node_key(self.name), json.dumps(status), px=max(1, int(self.ttl * 1000)))
+        self._published = _fingerprint(status)
+
+    async def _watch_loop(self) -> None:
+        """Publish soon after the status changes (a run starts or ends, the pool refills), not only
+        at the periodic refresh: ``/v1/nodes`` and the metrics stay current. At most every ``WATCH`` s."""
+        while True:
+            await asyncio.sleep(WATCH)
+            if _fingerprint(self.status()) != self._published:
+                try:
+                    await self._write_status()
+                except redis.exceptions.RedisError as exc:
+                    log.warning("node status not published: %s", exc)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Take runs until ``stop``; then finish those running and drop the liveness keys."""
@@ -86,6 +122,7 @@ class Node:
         self.heartbeat.start()
         loops = [
             asyncio.create_task(self._publish_loop()),
+            asyncio.create_task(self._watch_loop()),
             asyncio.create_task(self._orphan_loop()),
             asyncio.create_task(self._pull()),
         ]
@@ -165,43 +202,77 @@ class Node:
 
     async def _handle(self, entry: Entry) -> None:
         self.running += 1
+        acked = False
         try:
             if self.sessions is None or not await self.sessions.divert(entry):
-                await self._run(entry)
+                acked = await self._run(entry)
         except Exception:
             log.exception("run %s failed in the node", entry.fields.get("id"))
         finally:
             self.running -= 1
             self._free.release()
-            with contextlib.suppress(redis.exceptions.RedisError):
-                await self.queue.ack(entry.id)
+            if not acked:
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    await self.queue.ack(entry.id)
 
-    async def _run(self, entry: Entry) -> None:
+    async def _run(self, entry: Entry) -> bool:
+        """Run the entry and push its answer; True if the entry was acknowledged with the answer."""
         fields = entry.fields
         run_id, deadline = fields["id"], float(fields["deadline"])
         left = deadline - time.time()
         if left <= 0:
             log.info("dropping run %s: its caller gave up", run_id)
-            return
-        # Recorded before the run starts: a caller that sees this node gone knows its run is lost.
-        await self.r.set(run_key(run_id), self.name, px=max(1, int((left + REPLY_TTL) * 1000)))
-        answer: dict[str, Any]
+            self.counts["dropped"] += 1
+            return False
+        # Redis recorded this node as the entry's holder when it delivered it (the group's pending
+        # list: the caller's liveness check reads it); the run key says so too, written beside the
+        # run's start rather than before it (one round trip off the run's path).
+        keep = max(1, int((left + REPLY_TTL) * 1000))
+        holding = asyncio.ensure_future(self.r.set(run_key(run_id), self.name, px=keep))
+        # A streaming caller gets the output as it comes, on the run's own stream (node_stream.py).
+        pump = OutputPump(self.r, run_id, left + REPLY_TTL) if fields.get("stream") == "1" else None
+        try:
+            answer = await self._execute(fields, pump.on_output if pump is not None else None)
+        except BaseException:
+            if pump is not None:
+                await pump.cancel()
+            raise
+        finally:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await holding
+        if pump is not None:
+            await pump.finish(answer)
+            return False
+        async with self.r.pipeline(transaction=True) as p:  # the answer and the entry's end: one round trip
+            p.rpush(reply_key(run_id), answer)
+            p.pexpire(reply_key(run_id), int(REPLY_TTL * 1000))
+            p.xack(self.queue.key, GROUP, entry.id)
+            p.xdel(self.queue.key, entry.id)
+            await p.execute()
+        return True
+
+    async def _execute(self, fields: dict[str, str], on_output: OutputCallback | None) -> str:
+        """Run the entry's request here; the answer as JSON (the result, or the library's error)."""
+        error: dict[str, Any]
         try:
             request = ExecutionRequest.model_validate_json(fields["request"])
             ceiling = NetworkPolicy.model_validate_json(fields["ceiling"]) if fields.get("ceiling") else None
             result = await anyio.to_thread.run_sync(
-                lambda: self.executor.run(request, tenant=fields["tenant"], network_ceiling=ceiling)
+                lambda: self.executor.run(request, on_output, tenant=fields["tenant"], network_ceiling=ceiling)
             )
-            answer = {"result": json.loads(result.model_dump_json())}
         except InvalidRequestError as exc:
-            answer = {"error": {"type": "InvalidRequestError", "field": exc.field, "message": exc.message}}
+            error = {"type": "InvalidRequestError", "field": exc.field, "message": exc.message}
         except ExecboxError as exc:
-            answer = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        answer["node"] = self.name
-        async with self.r.pipeline(transaction=True) as p:
-            p.rpush(reply_key(run_id), json.dumps(answer))
-            p.pexpire(reply_key(run_id), int(REPLY_TTL * 1000))
-            await p.execute()
+            error = {"type": type(exc).__name__, "message": str(exc)}
+        except Exception as exc:  # a bug here: the caller still gets an answer, not a wait until its deadline
+            log.exception("run %s failed in the node", fields.get("id"))
+            error = {"type": "ExecboxError", "message": f"the node failed to run it ({type(exc).__name__})"}
+        else:
+            self.counts[outcome_of(result)] += 1
+            # Serialized once: the result's JSON goes into the answer as it is.
+            return f'{{"node":{json.dumps(self.name)},"result":{result.model_dump_json()}}}'
+        self.counts["failed"] += 1
+        return json.dumps({"node": self.name, "error": error})
 
 
 def run_node(settings: Settings) -> int:
@@ -215,6 +286,13 @@ def run_node(settings: Settings) -> int:
 
     if not settings.queue_url:
         raise ConfigurationError("execbox node needs --queue-url (or EXECBOX_QUEUE_URL): the Redis of the cluster")
+    if settings.node_metrics:
+        from .server.node_metrics import parse_listen
+
+        try:
+            parse_listen(settings.node_metrics)
+        except ValueError as exc:
+            raise ConfigurationError(f"EXECBOX_NODE_METRICS / --metrics-port: {exc}") from None
     name = settings.node_name or socket.gethostname()
     config = ExecutorConfig(
         image=settings.image,
@@ -242,11 +320,13 @@ def run_node(settings: Settings) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             r = aioredis.from_url(str(settings.queue_url), decode_responses=True)
+            node = Node(executor, r, name, settings.node_slots, settings.node_ttl)
+            node.sessions = NodeSessions(node, sessions, settings.volume_max_idle)
+            stop_metrics = _metrics(settings.node_metrics, node)
             try:
-                node = Node(executor, r, name, settings.node_slots, settings.node_ttl)
-                node.sessions = NodeSessions(node, sessions, settings.volume_max_idle)
                 await node.serve(stop)
             finally:
+                stop_metrics()
                 await r.aclose()
 
         try:
@@ -256,3 +336,19 @@ def run_node(settings: Settings) -> int:
                 sessions.close()  # the reaper stops; the sessions live on for this node's next start
     store.close()
     return 0
+
+
+def _metrics(listen: str | None, node: Node) -> Callable[[], None]:
+    """The node's own /metrics (``--metrics-port``), if asked for; the function that stops it."""
+    if not listen:
+        return lambda: None
+    from .server.node_metrics import NodeSelfCollector, serve_node_metrics
+
+    def pool() -> dict[str, Any] | None:
+        stats = node.executor.pool_stats()
+        return stats.as_dict() if stats is not None else None
+
+    try:
+        return serve_node_metrics(listen, NodeSelfCollector(node.status, pool))
+    except (ValueError, OSError) as exc:
+        raise ConfigurationError(f"EXECBOX_NODE_METRICS / --metrics-port: {exc}") from None

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     node_ttl: float = Field(
         10.0, gt=0, description="`execbox node`: its liveness key's TTL; a node silent this long is lost."
     )
+    node_metrics: str | None = Field(
+        None,
+        description="`execbox node`: serve its own Prometheus `/metrics` at this PORT (on 127.0.0.1) or HOST:PORT;"
+        " unset: none (the API's `/metrics` has every node's series anyway).",
+    )
     job_ttl: float = Field(3600.0, gt=0, description="Seconds a finished async execution's result is kept.")
     max_jobs: int = Field(
         10_000, ge=1, description="Async executions kept at once: any status (embedded), unfinished (Redis queue)."

@@ -7,8 +7,14 @@
 #
 # Each engine: `nsenter --net=/run/netns/execbox-bed-nI dockerd` with its own data root, exec
 # root, pidfile, socket, cgroup parent and key (daemon.json), and a veth into a hub namespace
-# (198.18.0.0/24). The sandbox image is copied from the main engine (docker save | load).
-# Nothing in the root namespace is touched but /run/netns, /run/execbox-bed and /var/lib/execbox-bed.
+# (198.18.0.0/24: the engines are .11, .12, ...). The sandbox image is copied from the main engine
+# (docker save | load). One more veth joins this (root) namespace to the hub as 198.18.0.254
+# (`execbox-bed0`): what runs here (Redis, the API, test servers) is reachable from the engines'
+# namespaces at that address. Run a node as its host would, in its engine's namespace:
+#   nsenter --net=/run/netns/execbox-bed-n1 execbox node --queue-url redis://198.18.0.254:PORT/0 \
+#     --engine-url unix:///run/execbox-bed/n1/docker.sock --name n1
+# Besides that link, nothing in the root namespace is touched but /run/netns, /run/execbox-bed and
+# /var/lib/execbox-bed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=/run/execbox-bed
@@ -35,6 +41,7 @@ down() {
     ip netns del "$ns" 2>/dev/null || true
   done
   ip netns del "$HUB" 2>/dev/null || true
+  ip link del execbox-bed0 2>/dev/null || true
   # Mounts under the bed's roots, deepest first; then the stale shim sockets and cgroup dirs.
   for root in $DATA $RUN; do
     { grep -o " $root[^ ]*" /proc/self/mounts 2>/dev/null || true; } | sort -r | while read -r m; do
@@ -59,6 +66,10 @@ up() {
   ip -n "$HUB" addr add 198.18.0.1/24 dev br0
   ip -n "$HUB" link set br0 up
   ip -n "$HUB" link set lo up
+  ip link add execbox-bed0 type veth peer name vroot netns "$HUB"
+  ip -n "$HUB" link set vroot master br0 up
+  ip addr add 198.18.0.254/24 dev execbox-bed0
+  ip link set execbox-bed0 up
   for i in $(seq 1 "$count"); do
     n=n$i
     ns=execbox-bed-$n

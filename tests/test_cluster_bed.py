@@ -1,10 +1,15 @@
 """A cluster on three Docker Engines, each in a network namespace of its own (scripts/cluster-bed.sh):
-one API replica and three nodes over a real Redis. Run last, alone (scripts/test.sh does), marked
-``cluster``: the bed starts three more dockerd and is torn down afterwards."""
+one API replica and three nodes over a real Redis. Each node runs in its engine's namespace, as on a
+host of its own (its egress proxy and firewall there too); Redis, the API and the tests' upstream
+server are in the root namespace, which the engines reach at 198.18.0.254 over the bed's link.
+Run last, alone (scripts/test.sh does), marked ``cluster``: the bed starts three more dockerd and is
+torn down afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -17,7 +22,8 @@ import httpx
 import pytest
 import redis
 
-from .serverkit import ServeProcess
+from .egress_support import Upstream, start_upstream
+from .serverkit import ServeProcess, free_port, hash_key, write_tenants
 from .support import eventually
 from .test_nodes import NodeProcess
 
@@ -25,6 +31,23 @@ pytestmark = [pytest.mark.docker, pytest.mark.cluster, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parent.parent
 BED = ROOT / "scripts" / "cluster-bed.sh"
+
+
+HUB_ADDRESS = "198.18.0.254"  # the root namespace, as the engines' namespaces reach it
+BED_HOST = "bed.example.test"  # the upstream of the egress test, mapped by every node's proxy
+KEY = "test-key-bed-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+TENANTS = f"""
+[tenants.bed]
+api_keys = ["{hash_key(KEY)}"]
+max_concurrent = 16
+executions_per_minute = 10000
+network = true
+
+[tenants.bed.egress]
+mode = "proxy"
+allow = ["{BED_HOST}"]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +66,50 @@ def bed() -> Iterator[list[str]]:
         ]
 
 
+@pytest.fixture(scope="module")
+def bed_redis(bed: list[str]) -> Iterator[str]:
+    """A Redis of the bed's own on its link, reachable from every engine's namespace."""
+    port, password = free_port(), secrets.token_hex(16)  # not on loopback: Redis wants a password there
+    args = ["--bind", HUB_ADDRESS, "--port", str(port), "--requirepass", password, "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
+    url = f"redis://:{password}@{HUB_ADDRESS}:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        eventually(lambda: _pings(client), 20, what="the bed's redis-server to answer")
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def bed_upstream(bed: list[str]) -> Iterator[Upstream]:
+    upstream = start_upstream(HUB_ADDRESS)
+    try:
+        yield upstream
+    finally:
+        upstream.close()
+
+
 @pytest.fixture
-def cluster(bed: list[str], tmp_path: Path, redis_url: str) -> Iterator[Any]:
-    url = redis_url.rsplit("/", 1)[0] + "/5"
+def cluster(bed: list[str], tmp_path: Path, bed_redis: str, bed_upstream: Upstream) -> Iterator[Any]:
+    url = bed_redis
     r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
-    api = ServeProcess(tmp_path, "api", None, EXECBOX_QUEUE_URL=url)
-    nodes = [NodeProcess(tmp_path, f"n{i + 1}", url, engine_url=sock) for i, sock in enumerate(bed)]
+    api = ServeProcess(tmp_path, "api", write_tenants(tmp_path, TENANTS), EXECBOX_QUEUE_URL=url)
+    host_map = json.dumps({BED_HOST: f"{HUB_ADDRESS}:{bed_upstream.port}"})
+    nodes = [
+        NodeProcess(
+            tmp_path,
+            f"n{i + 1}",
+            url,
+            engine_url=sock,
+            netns=f"execbox-bed-n{i + 1}",
+            env={"EXECBOX_PROXY_HOST_MAP": host_map},
+        )
+        for i, sock in enumerate(bed)
+    ]
     try:
         eventually(lambda: _live(api) == {"n1", "n2", "n3"}, 120, what="three live nodes")
         yield api, nodes
@@ -61,30 +121,45 @@ def cluster(bed: list[str], tmp_path: Path, redis_url: str) -> Iterator[Any]:
         r.close()
 
 
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
 def _live(api: ServeProcess) -> set[str]:
     try:
-        return {n["name"] for n in httpx.get(f"{api.url}/v1/nodes", trust_env=False).json()["nodes"]}
+        return {n["name"] for n in _nodes(api)}
     except (httpx.TransportError, ValueError, KeyError):
         return set()
 
 
+def _nodes(api: ServeProcess) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = httpx.get(f"{api.url}/v1/nodes", headers=AUTH, trust_env=False).json()["nodes"]
+    return nodes
+
+
 def _running(api: ServeProcess) -> int:
-    return sum(n["running"] for n in httpx.get(f"{api.url}/v1/nodes", trust_env=False).json()["nodes"])
+    return sum(n["running"] for n in _nodes(api))
 
 
-def _burst(api: ServeProcess, n: int, clients: int, code: str, timeout: float = 30) -> list[httpx.Response]:
+def _burst(
+    api: ServeProcess, n: int, clients: int, code: str, timeout: float = 30, **fields: Any
+) -> list[httpx.Response]:
     out: list[httpx.Response] = []
     lock = threading.Lock()
     todo = list(range(n))
 
     def worker() -> None:
-        with httpx.Client(trust_env=False, timeout=timeout + 30) as c:
+        with httpx.Client(headers=AUTH, trust_env=False, timeout=timeout + 30) as c:
             while True:
                 with lock:
                     if not todo:
                         return
                     todo.pop()
-                r = c.post(f"{api.url}/v1/execute", json={"language": "python", "code": code, "timeout": timeout})
+                body = {"language": "python", "code": code, "timeout": timeout, **fields}
+                r = c.post(f"{api.url}/v1/execute", json=body)
                 with lock:
                     out.append(r)
 
@@ -105,7 +180,40 @@ def test_load_spreads_over_three_engines(cluster: Any) -> None:
     assert set(share) == {"n1", "n2", "n3"} and min(share.values()) >= 6, share
 
 
+EGRESS = f"""
+import _socket, json, urllib.request
+got = urllib.request.urlopen("http://{BED_HOST}/hello", timeout=10)
+try:  # straight to the upstream's address, past the proxy and its preload: the node's firewall refuses it
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    s.settimeout(3)
+    s.connect(("{HUB_ADDRESS}", PORT))
+    direct = "connected"
+except OSError as exc:
+    direct = type(exc).__name__
+print(json.dumps([got.status, got.read().decode(), direct]))
+"""
+
+
+def test_egress_through_every_node(cluster: Any, bed_upstream: Upstream) -> None:
+    """Each node's own proxy and firewall, in its own namespace: allowed hosts answer through
+    the proxy (logged), the upstream's address cannot be reached directly."""
+    api, _ = cluster
+    code = EGRESS.replace("PORT", str(bed_upstream.port))
+    network = {"mode": "proxy", "allow": [BED_HOST]}
+    answers = _burst(api, 15, 5, code, network=network)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:2]
+    bodies = [r.json() for r in answers]
+    for body in bodies:
+        assert body["exit_code"] == 0, body["stderr"][-2000:]
+        status, _, direct = json.loads(body["stdout"])
+        assert status == 200 and direct != "connected", body["stdout"]
+        assert [e["decision"] for e in body["network_log"]] == ["allowed"], body["network_log"]
+    assert {b["node"] for b in bodies} == {"n1", "n2", "n3"}, Counter(b["node"] for b in bodies)
+    assert len(bed_upstream.hits) >= 15
+
+
 def test_an_engine_killed_mid_burst(cluster: Any, bed: list[str]) -> None:
+    """Last in this module: the engine it kills stays dead."""
     api, nodes = cluster
     results: list[httpx.Response] = []
     t = threading.Thread(target=lambda: results.extend(_burst(api, 24, 6, "import time; time.sleep(1); print('ok')")))
@@ -119,8 +227,6 @@ def test_an_engine_killed_mid_burst(cluster: Any, bed: list[str]) -> None:
     assert statuses[200] >= 12, statuses  # n1 and n3 kept serving
     assert set(statuses) <= {200, 502, 503}, [r.text for r in results if r.status_code not in (200, 502, 503)]
     # n2 stops taking work: what follows runs on the others.
-    eventually(
-        lambda: any(not n["healthy"] for n in httpx.get(f"{api.url}/v1/nodes", trust_env=False).json()["nodes"]), 30
-    )
+    eventually(lambda: any(not n["healthy"] for n in _nodes(api)), 30)
     after = _burst(api, 12, 4, "print('after')")
     assert all(r.status_code == 200 for r in after) and {r.json()["node"] for r in after} <= {"n1", "n3"}

@@ -31,14 +31,25 @@ pytestmark = pytest.mark.docker
 
 
 class NodeProcess:
-    def __init__(self, directory: Path, name: str, queue_url: str, engine_url: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        queue_url: str,
+        engine_url: str | None = None,
+        netns: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``netns``: run in that network namespace (as on a host of its own, beside its engine)."""
         self.name = name
         self.log = directory / f"node-{name}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("EXECBOX_")}
         environ |= {"EXECBOX_POOL_MIN_READY": "1", "EXECBOX_NODE_TTL": "3", "EXECBOX_LOG_LEVEL": "info"}
+        environ |= env or {}
         with self.log.open("wb") as fh:
             self.proc = subprocess.Popen(
                 [
+                    *(["nsenter", f"--net=/run/netns/{netns}"] if netns else []),
                     sys.executable,
                     "-m",
                     "execbox.cli",
@@ -94,7 +105,7 @@ def cluster(tmp_path: Path, redis_url: str, engine: Engine) -> Iterator[Any]:
         yield api, Cluster()
     finally:
         api.stop()
-        pids = {n.proc.pid for n in nodes.values()}
+        pids = {n.proc.pid for n in nodes.values()} | {api.pid}  # a replica killed by a test leaves its pool
         for n in nodes.values():
             n.stop()
         # A killed node leaves its sandboxes behind (the reaper of any later process takes them): remove them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -214,7 +215,13 @@ def create_app(
     app.include_router(users.router)
     app.include_router(nodes.router)
     app.router.routes.append(mcp_route_)  # the MCP tools, over streamable HTTP
-    app.add_middleware(Guard, auth=auth, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        Guard,
+        auth=auth,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        plain_execute=functools.partial(execute.execute_plain, service),
+    )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -2,10 +2,13 @@
 
 With ``--queue-url`` a replica runs nothing itself: it appends each run to the
 ``runs`` stream (with its deadline) and waits, by a blocking read, for the answer
-the node that took it pushes. While it waits it watches that node's liveness key
-(``execbox:node:<name>``, a TTL refreshed by the node): gone means the node died
-with the run, answered as 503 ``node_lost`` naming it, within the run's timeout
-plus the key's TTL. Nothing here is kept that another replica would need.
+the node that took it pushes (or, for a caller that streams, for the output chunks
+and then the answer on the run's own stream: ``node_stream.py``). While it waits it
+looks, at least every second, at the liveness key (``execbox:node:<name>``, a TTL
+refreshed by the node) of the node holding the run (the one Redis delivered it to):
+gone means the node died with the run, answered as 503 ``node_lost`` naming it,
+within the run's timeout plus the key's TTL. Nothing here is kept that another
+replica would need.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import redis.exceptions
 from .. import exceptions
 from ..egress import NetworkPolicy
 from ..exceptions import ExecboxError, InvalidRequestError
+from ..executor import OutputCallback
 from ..models import ExecutionRequest, ExecutionResult
 from ..node import GROUP, RUNS
+from ..node_stream import Receive, list_receiver, stream_receiver
 from ..queue import StreamQueue
 from ..state.keys import NODE, node_key, reply_key, run_key
 from .dispatch_sessions import check_volume_node
@@ -31,6 +36,7 @@ from .errors import ApiError
 __all__ = ["Dispatcher"]
 
 GRACE = 15.0  # beyond a run's timeout: a node's liveness TTL and the hand-offs
+LOOK = 1.0  # seconds between looks at the liveness of the node holding a run
 
 
 class Dispatcher:
@@ -52,28 +58,53 @@ class Dispatcher:
         return sorted(out, key=lambda n: str(n.get("name")))
 
     async def run(
-        self, tenant: str, request: ExecutionRequest, ceiling: NetworkPolicy | None
+        self,
+        tenant: str,
+        request: ExecutionRequest,
+        ceiling: NetworkPolicy | None,
+        on_output: OutputCallback | None = None,
     ) -> ExecutionResult:
-        """Run ``request`` (limits resolved) on a node; its result, or the ApiError that says why not."""
+        """Run ``request`` (limits resolved) on a node; its result, or the ApiError that says why not.
+
+        With ``on_output``, the node streams the run's output chunks as they come (node_stream.py),
+        passed on here in order before the result."""
         run_id = uuid.uuid4().hex
         timeout = request.limits.timeout if request.limits is not None else 10.0
         deadline = time.monotonic() + timeout + GRACE
+        fields = {
+            "id": run_id,
+            "tenant": tenant,
+            "request": request.model_dump_json(),
+            "ceiling": ceiling.model_dump_json() if ceiling is not None else "",
+            "deadline": str(time.time() + timeout + GRACE),
+        }
         try:
             await check_volume_node(self.r, tenant, request)  # its volume's node, if it has one, must be live
-            await self.queue.add(
-                {
-                    "id": run_id,
-                    "tenant": tenant,
-                    "request": request.model_dump_json(),
-                    "ceiling": ceiling.model_dump_json() if ceiling is not None else "",
-                    "deadline": str(time.time() + timeout + GRACE),
-                }
-            )
-            return await self._wait(run_id, deadline)
+            if on_output is None:
+                entry_id = await self.queue.add(fields)
+                return await self._wait(run_id, entry_id, deadline, list_receiver(self.r, reply_key(run_id)))
+            receive, drop = stream_receiver(self.r, run_id, on_output)
+            try:
+                entry_id = await self.queue.add(fields | {"stream": "1"})
+                return await self._wait(run_id, entry_id, deadline, receive)
+            finally:
+                await drop()
         except redis.exceptions.RedisError as exc:
             raise ApiError(503, "queue_unavailable", f"the run queue does not answer: {exc}", retry_after=2) from None
 
-    async def _wait(self, run_id: str, deadline: float) -> ExecutionResult:
+    async def _holder(self, run_id: str, entry_id: str) -> str | None:
+        """The node holding the run: the one Redis delivered its entry to (the group's pending list, from
+        the moment of delivery), or the one its run key names."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.get(run_key(run_id))
+            p.xpending_range(self.queue.key, GROUP, entry_id, entry_id, 1)
+            named, pending = await p.execute()
+        if named is not None:
+            return str(named)
+        return str(pending[0]["consumer"]) if pending else None
+
+    async def _wait(self, run_id: str, entry_id: str, deadline: float, receive: Receive) -> ExecutionResult:
+        """Receive the answer, looking at the holder's liveness at least every second meanwhile."""
         holder: str | None = None
         while True:
             left = deadline - time.monotonic()
@@ -81,17 +112,16 @@ class Dispatcher:
                 if holder is None:
                     raise ApiError(503, "no_node", "no node took the execution in time", retry_after=2)
                 raise ApiError(503, "node_lost", f"node {holder} did not answer in time", retry_after=2)
-            got: Any = await self.r.blpop([reply_key(run_id)], timeout=min(1.0, left))
+            got = await receive(min(LOOK, left))
             if got is not None:
-                return self._answer(json.loads(got[1]), holder)
+                return self._answer(got, holder)
             if holder is None:
-                found: Any = await self.r.get(run_key(run_id))
-                holder = str(found) if found is not None else None
+                holder = await self._holder(run_id, entry_id)
             if holder is not None and not await self.r.exists(node_key(holder)):
                 # One more look: the answer may have come just before the node went.
-                last: Any = await self.r.lpop(reply_key(run_id))
+                last = await receive(None)
                 if last is not None:
-                    return self._answer(json.loads(last), holder)
+                    return self._answer(last, holder)
                 raise ApiError(
                     503, "node_lost", f"node {holder} was lost while running this execution", retry_after=2
                 )

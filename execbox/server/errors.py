@@ -27,7 +27,15 @@ from ..state.base import StateBusyError, StateConflictError
 from ..volumes import VolumeBusyError
 from .schemas import ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "from_library", "install_error_handlers", "invalid_from"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "ApiError",
+    "answer_error",
+    "error_response",
+    "from_library",
+    "install_error_handlers",
+    "invalid_from",
+]
 
 log = logging.getLogger("execbox.server")
 
@@ -105,13 +113,22 @@ def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def answer_error(exc: ApiError | ExecboxError, on_reject: Any) -> JSONResponse:
+    """The answer to an ApiError or a library exception; ``on_reject(reason)`` counts a refusal."""
+    err = exc if isinstance(exc, ApiError) else from_library(exc)
+    if err.status >= 500 and not isinstance(exc, ApiError):
+        log.error("request failed: %s", err.type, exc_info=exc)
+    else:
+        on_reject(err.reason)
+    return error_response(err)
+
+
 def install_error_handlers(app: FastAPI, on_reject: Any) -> None:
     """Register the handlers; ``on_reject(reason)`` counts refused requests."""
 
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        on_reject(exc.reason)
-        return error_response(exc)
+        return answer_error(exc, on_reject)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -132,12 +149,7 @@ def install_error_handlers(app: FastAPI, on_reject: Any) -> None:
 
     async def library_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ExecboxError)
-        err = from_library(exc)
-        if err.status >= 500:
-            log.error("request failed: %s", err.type, exc_info=exc)
-        else:
-            on_reject(err.reason)
-        return error_response(err)
+        return answer_error(exc, on_reject)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -9,7 +9,7 @@ pool, sessions, jobs) are read at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -89,6 +89,18 @@ class Metrics:
         self.in_flight = Gauge("execbox_executions_in_flight", "Executions running now.", registry=self.registry)
         self._read = _ReadAtScrape()
         self.registry.register(self._read)
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+
+    def collector(self, collector: Collector, refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Register a collector of another part; ``refresh`` (async) runs before each scrape."""
+        self.registry.register(collector)
+        if refresh is not None:
+            self._refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        """What async collectors read (e.g. node statuses in Redis): called by the scrape route."""
+        for refresh in self._refreshers:
+            await refresh()
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:
         """Register a gauge read at scrape time."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,9 +30,22 @@ def needs_auth(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/execute", "/mcp") or path.startswith("/mcp/")
 
 
+# ``POST /v1/execute`` in its common case, taken without the framework: (tenant, body, scope, receive, send)
+# to True once answered, False to let the framework take the request (routes/execute.py: execute_plain).
+PlainExecute = Callable[[Any, bytes, Scope, Receive, Send], Awaitable[bool]]
+
+
 class Guard:
-    def __init__(self, app: ASGIApp, auth: Authenticator, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: Authenticator,
+        metrics: Metrics,
+        max_body_bytes: int,
+        plain_execute: PlainExecute | None = None,
+    ) -> None:
         self.app, self.auth, self.metrics, self.max_body = app, auth, metrics, max_body_bytes
+        self.plain_execute = plain_execute
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,8 +81,8 @@ class Guard:
             )
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
         if needs_auth(scope["path"]):
-            headers = dict(scope["headers"])
             raw = headers.get(b"authorization")
             tenant = self.auth.authenticate(raw.decode("latin-1") if raw is not None else None)
             if tenant is None:
@@ -77,13 +91,18 @@ class Guard:
             scope[TENANT_SCOPE_KEY] = tenant
             tenant_var.set(tenant.name)
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(scope, receive, send)
+            body = await self._read_body(scope, receive, send, headers)
             if body is None:
                 return
             receive = _replay(body, receive)
+            if self.plain_execute is not None and _plain_execute(scope, headers):
+                if await self.plain_execute(scope[TENANT_SCOPE_KEY], body, scope, receive, send):
+                    return
         await self.app(scope, receive, send)
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    async def _read_body(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]
+    ) -> bytes | None:
         too_large = ApiError(
             413,
             "payload_too_large",
@@ -94,7 +113,7 @@ class Guard:
         # A refused body is read and dropped up to this size, so that the client, still sending,
         # can read the 413 instead of a connection reset; a larger one is cut off at once.
         drain_limit = 8 * self.max_body
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > drain_limit:
             await self._reject(scope, receive, send, too_large)
             return None
@@ -125,6 +144,17 @@ class Guard:
             # Do not read the rest of a body we refuse: close the connection after answering.
             response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+def _plain_execute(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+    """A JSON ``POST /v1/execute`` asking for no stream: what ``execute_plain`` takes."""
+    return (
+        scope["path"] == "/v1/execute"
+        and scope["method"] == "POST"
+        and not scope.get("query_string")
+        and b"text/event-stream" not in headers.get(b"accept", b"")
+        and headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"application/json"
+    )
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -31,6 +31,7 @@ from .errors import ApiError, from_library
 from .jobs import JobBackend, JobLimit, LocalJobs, Outcome, drain
 from .logging import bind
 from .metrics import Metrics, outcome_of
+from .node_metrics import NodeCollector
 from .quota import Gate, QueueFull, QuotaExceeded, TenantQuotas
 from .schemas import ErrorBody, JobRequest
 from .webhooks import WebhookSender, resolve_callback
@@ -73,6 +74,9 @@ class ExecutionService:
         self.jobs: JobBackend = self._job_backend()
         # With a queue URL, runs go to `execbox node` workers (dispatch.py) instead of this process.
         self.dispatcher: Dispatcher | None = Dispatcher(settings.queue_url) if settings.queue_url else None
+        if self.dispatcher is not None:  # per-node series from what nodes publish
+            nodes = NodeCollector(self.dispatcher.nodes)
+            metrics.collector(nodes, nodes.refresh)
         # ... and sessions live on nodes (dispatch_sessions.py): this process opens no Sessions.
         self.session_nodes = (
             SessionDispatcher(self.dispatcher.r) if self.dispatcher is not None and settings.sessions else None
@@ -235,8 +239,8 @@ class ExecutionService:
         started = time.monotonic()
         outcome = "failed"
         try:
-            if self.dispatcher is not None:  # output is not streamed from nodes (yet): the result only
-                result = await self.dispatcher.run(tenant.name, request, tenant.policy.egress)
+            if self.dispatcher is not None:  # on a node; its output streamed through Redis when asked
+                result = await self.dispatcher.run(tenant.name, request, tenant.policy.egress, on_output)
             else:
                 call = functools.partial(
                     executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress

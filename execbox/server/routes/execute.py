@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any
 
 import pydantic
 from fastapi import APIRouter, Query, Request, Response
+from starlette.types import Receive, Scope, Send
 
+from ...exceptions import ExecboxError
 from ...models import ExecutionRequest, ExecutionResult
+from ..auth import Tenant
 from ..deps import ServiceDep, TenantDep
-from ..errors import ERROR_RESPONSES, invalid_from
+from ..errors import ERROR_RESPONSES, ApiError, answer_error, invalid_from
 from ..schemas import SeedRequest, SeedResponse
+from ..service import ExecutionService
 from ..sse import SSE_SCHEMA, sse_doc, stream_events, wants_stream
 
-__all__ = ["router"]
+__all__ = ["execute_plain", "router"]
 
 log = logging.getLogger("execbox.server")
 router = APIRouter(tags=["execute"])
@@ -48,6 +53,38 @@ async def execute(
     # Serialized once, here: returned as a model, FastAPI would validate it again against
     # the response model and encode it twice (the schema in the docs is the same).
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+async def execute_plain(
+    service: ExecutionService, tenant: Tenant, raw: bytes, scope: Scope, receive: Receive, send: Send
+) -> bool:
+    """``execute`` above for its common case (a JSON body, no streaming), without the framework.
+
+    The Guard calls it once it has authenticated the caller and read the body: the same
+    checks (validation, tenant policy, quotas, limits) and the same answers, without the
+    routing, dependency and exception layers between (about 0.5 ms less per call on a
+    2-core machine; bench/api.py). False when the body does not validate: the framework
+    then takes the request and answers with its own error format.
+    """
+    try:
+        body = ExecutionRequest.model_validate(json.loads(raw))
+    except (ValueError, pydantic.ValidationError):
+        return False
+    try:
+        prepared = service.prepare(tenant, body)
+        admission = await service.admit(tenant)
+        try:
+            result = await service.run(tenant, prepared)
+        finally:
+            admission.release()
+    except (ApiError, ExecboxError) as exc:
+        await answer_error(exc, service.metrics.rejected)(scope, receive, send)
+        return True
+    payload = result.model_dump_json().encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+    return True
 
 
 @router.post(

@@ -65,5 +65,6 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}, "description": "Metrics."}},
 )
 async def metrics(metrics: MetricsDep) -> PlainTextResponse:
+    await metrics.refresh()  # node statuses (nodes mode), read on the loop
     # In a thread: the session gauges read the registry (a store query).
     return PlainTextResponse(await anyio.to_thread.run_sync(metrics.render), media_type=CONTENT_TYPE)
