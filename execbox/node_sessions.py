@@ -45,6 +45,7 @@ from .exceptions import (
     SessionStateError,
 )
 from .models import Limits
+from .node_stream import OutputPump
 from .node_volumes import VOLUME_OPS, NodeVolumes
 from .queue import Entry, StreamQueue
 from .sessions import SessionExecuteRequest, SessionInfo, Sessions, SessionsConfig
@@ -323,6 +324,17 @@ class NodeSessions:
             return
         handler = self._handlers().get(op)
         tenant, sid = fields.get("tenant", ""), fields.get("session_id", "")
+        # A streaming caller gets the call's output as it comes, then the answer, on the call's own stream.
+        pump = None
+        if op == "execute" and fields.get("stream") == "1":
+            left = float(fields.get("deadline") or 0) - time.time()
+            pump = OutputPump(self.r, fields.get("id", ""), left + REPLY_TTL)
+            on_output = pump.on_output
+
+            async def streamed(tenant: str, sid: str, body: str) -> dict[str, Any]:
+                return await self._execute(tenant, sid, body, on_output)
+
+            handler = streamed
         answer: dict[str, Any]
         if handler is None:
             answer = error_answer(InvalidRequestError("op", f"unknown session operation {op!r}"))
@@ -337,7 +349,10 @@ class NodeSessions:
             except Exception as exc:  # never leave the caller waiting for its deadline
                 log.exception("session %s %s failed in the node", sid, op)
                 answer = error_answer(ExecboxError(f"the node failed: {type(exc).__name__}: {exc}"))
-        await self._reply(fields.get("id", ""), answer)
+        if pump is not None:
+            await pump.finish(json.dumps(answer | {"node": self.name}))
+        else:
+            await self._reply(fields.get("id", ""), answer)
 
     def _handlers(self) -> dict[str, Callable[[str, str, str], Awaitable[dict[str, Any]]]]:
         return {
@@ -358,7 +373,9 @@ class NodeSessions:
 
         return handler
 
-    async def _execute(self, tenant: str, sid: str, body: str) -> dict[str, Any]:
+    async def _execute(
+        self, tenant: str, sid: str, body: str, on_output: Callable[[str, bytes], None] | None = None
+    ) -> dict[str, Any]:
         try:
             req = SessionExecuteRequest.model_validate_json(body)
         except ValueError as exc:
@@ -366,7 +383,14 @@ class NodeSessions:
 
         def run() -> tuple[Any, SessionInfo | None]:
             result = self.sessions.execute(
-                sid, req.code, req.env, req.timeout, tenant=tenant, files=dict(req.files), collect=req.collect
+                sid,
+                req.code,
+                req.env,
+                req.timeout,
+                tenant=tenant,
+                files=dict(req.files),
+                collect=req.collect,
+                on_output=on_output,
             )
             try:
                 return result, self.sessions.get(sid, tenant=tenant)

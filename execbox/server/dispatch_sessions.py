@@ -31,8 +31,10 @@ from ..exceptions import (
     SessionNotFoundError,
     SessionStateError,
 )
+from ..executor import OutputCallback
 from ..models import ExecutionRequest
 from ..node_sessions import CREATES, NODE_GROUP
+from ..node_stream import Receive, list_receiver, stream_receiver
 from ..queue import StreamQueue
 from ..sessions import SessionInfo, SessionResult
 from ..sessions.models import ID_RE, RESTART_SLACK
@@ -177,8 +179,17 @@ class SessionDispatcher:
 
     # -- operations on one session ----------------------------------------------------------------
 
-    async def call(self, tenant: str, session_id: str, op: str, body: str = "{}", timeout: float = 0.0) -> Any:
-        """``op`` on the node holding the session; the answer's payload (``info``, ``result``, ...)."""
+    async def call(
+        self,
+        tenant: str,
+        session_id: str,
+        op: str,
+        body: str = "{}",
+        timeout: float = 0.0,
+        on_output: OutputCallback | None = None,
+    ) -> Any:
+        """``op`` on the node holding the session; the answer's payload (``info``, ``result``, ...).
+        With ``on_output`` (execute), the node streams the call's output as it comes (node_stream.py)."""
         try:
             node, record = await self._live_node(tenant, session_id)
             if op == "execute":
@@ -195,22 +206,46 @@ class SessionDispatcher:
                 "body": body,
                 "deadline": str(time.time() + own + GRACE),
             }
-            await StreamQueue(self.r, node_stream(node), NODE_GROUP, "api").add(fields)
-            answer = await self._wait(call_id, node, time.monotonic() + own + GRACE, f"session {op}")
+            queue = StreamQueue(self.r, node_stream(node), NODE_GROUP, "api")
+            deadline = time.monotonic() + own + GRACE
+            if on_output is None:
+                await queue.add(fields)
+                answer = await self._wait(call_id, node, deadline, f"session {op}")
+            else:
+                receive, drop = stream_receiver(self.r, call_id, on_output)
+                try:
+                    await queue.add(fields | {"stream": "1"})
+                    answer = await self._wait(call_id, node, deadline, f"session {op}", receive)
+                finally:
+                    await drop()
         except redis.exceptions.RedisError as exc:
             raise _unavailable(exc) from None
         key = {"execute": "result", "delete": "deleted"}.get(op, "info")
         return self._result(answer, key)
 
-    async def execute(self, tenant: str, session_id: str, body: str, timeout: float | None) -> SessionResult:
-        return SessionResult.model_validate(await self.call(tenant, session_id, "execute", body, timeout or 0.0))
+    async def execute(
+        self,
+        tenant: str,
+        session_id: str,
+        body: str,
+        timeout: float | None,
+        on_output: OutputCallback | None = None,
+    ) -> SessionResult:
+        answer = await self.call(tenant, session_id, "execute", body, timeout or 0.0, on_output)
+        return SessionResult.model_validate(answer)
 
     async def info(self, tenant: str, session_id: str, op: str) -> SessionInfo:
         return SessionInfo.model_validate(await self.call(tenant, session_id, op))
 
     # -- answers ----------------------------------------------------------------------------------
 
-    async def _wait(self, call_id: str, node: str | None, deadline: float, what: str) -> dict[str, Any]:
+    async def _wait(
+        self, call_id: str, node: str | None, deadline: float, what: str, receive: Receive | None = None
+    ) -> dict[str, Any]:
+        """The answer, looking at the holder's liveness every second meanwhile (``receive``: the answer's
+        list by default, or a streamed call's output stream)."""
+        if receive is None:
+            receive = list_receiver(self.r, reply_key(call_id))
         holder = node
         while True:
             left = deadline - time.monotonic()
@@ -219,18 +254,16 @@ class SessionDispatcher:
                     raise ApiError(503, "no_node", f"no node took the {what} in time", retry_after=2)
                 message = f"node {holder} did not answer the {what} in time"
                 raise ApiError(503, "node_lost", message, retry_after=2, node=holder)
-            got: Any = await self.r.blpop([reply_key(call_id)], timeout=min(1.0, left))
+            got = await receive(min(1.0, left))
             if got is not None:
-                answer: dict[str, Any] = json.loads(got[1])
-                return answer
+                return got
             if holder is None:
                 found: Any = await self.r.get(run_key(call_id))
                 holder = str(found) if found is not None else None
             if holder is not None and not await self.r.exists(node_key(holder)):
-                last: Any = await self.r.lpop(reply_key(call_id))
+                last = await receive(None)
                 if last is not None:
-                    answer = json.loads(last)
-                    return answer
+                    return last
                 message = f"node {holder} was lost during this {what}"
                 raise ApiError(503, "node_lost", message, retry_after=2, node=holder)
 

@@ -30,7 +30,7 @@ def tenant_sessions(service: ExecutionService, sessions: Sessions | None, tenant
 
 
 class NodeTenantSessions(TenantSessions):
-    """One tenant's sessions held by nodes. Output is not streamed from nodes: SSE gives the result only."""
+    """One tenant's sessions held by nodes (a call's output streamed from its node when asked)."""
 
     def __init__(self, service: ExecutionService, nodes: SessionDispatcher, tenant: Tenant) -> None:
         self.service, self.nodes, self.tenant = service, nodes, tenant
@@ -60,7 +60,7 @@ class NodeTenantSessions(TenantSessions):
     async def run_admitted(
         self, session_id: str, body: SessionExecuteRequest, on_output: OutputCallback | None = None
     ) -> SessionResult:
-        return await self.nodes.execute(self.tenant.name, session_id, body.model_dump_json(), body.timeout)
+        return await self.nodes.execute(self.tenant.name, session_id, body.model_dump_json(), body.timeout, on_output)
 
     async def list(self) -> list[SessionInfo]:
         return await self.nodes.list(self.tenant.name)
