@@ -13,10 +13,11 @@ the affinity in Redis:
 
 Every later operation on the session goes to the node's own stream
 (``execbox:q:node:<name>``, a group that only that node reads) and is answered on
-``execbox:reply:<id>`` exactly as runs are. A node reconciles its records with its
-registry at every pass (sessions ended by its reaper disappear, live ones missing from
-Redis reappear), so a restarted node with the same name and data dir serves its
-sessions again.
+``execbox:reply:<id>`` exactly as runs are (a streaming caller's call: its output, then
+the answer, on ``execbox:out:<id>``, as for runs: ``node_stream.py``). A node reconciles
+its records with its registry at every pass (sessions ended by its reaper disappear,
+live ones missing from Redis reappear), so a restarted node with the same name and data
+dir serves its sessions again.
 
 Volumes: see ``node_volumes.py`` (runs and backups of a user's volume go to the node that
 holds it); their forwarded entries arrive on this same stream.
