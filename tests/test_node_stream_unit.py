@@ -358,3 +358,33 @@ def test_a_bad_metrics_port_is_refused_before_the_node_starts() -> None:
         timeout=60,
     )
     assert done.returncode != 0 and "--metrics-port" in done.stderr and "'x:y'" in done.stderr, done.stderr
+
+
+def test_a_dispatched_request_carries_its_secrets_values_to_the_node(run: Callable[[Body], None]) -> None:
+    """What a node reads from the queue is the request as it must run: secret values included
+    (a pydantic dump masks them), the rest unchanged."""
+
+    async def body(r: aioredis.Redis, url: str) -> None:
+        dispatcher = Dispatcher(url)
+        await dispatcher.start()
+        node = StreamQueue(r, RUNS, GROUP, "stand-in")
+        try:
+            request = ExecutionRequest(
+                language="python",
+                code="print(1)",
+                network={"mode": "proxy", "allow": ["api.example.test"]},
+                secrets={"TOKEN": {"value": "s3cret-value", "hosts": ["api.example.test"]}},
+                limits=Limits(timeout=5),
+            )
+            call = asyncio.create_task(dispatcher.run("t", request, None))
+            entry = None
+            while entry is None:
+                entry = await node.read(1.0)
+            sent = ExecutionRequest.model_validate_json(entry.fields["request"])
+            assert sent.secrets["TOKEN"].value.get_secret_value() == "s3cret-value"
+            assert sent.model_dump() == request.model_dump()
+            call.cancel()
+        finally:
+            await dispatcher.close()
+
+    run(body)

@@ -32,6 +32,7 @@ from ..queue import StreamQueue
 from ..state.keys import NODE, node_key, reply_key, run_key
 from .dispatch_sessions import check_volume_node
 from .errors import ApiError
+from .jobrecords import dump_request
 
 __all__ = ["Dispatcher"]
 
@@ -74,7 +75,7 @@ class Dispatcher:
         fields = {
             "id": run_id,
             "tenant": tenant,
-            "request": request.model_dump_json(),
+            "request": dump_request(request),  # with its secrets' values (model_dump_json masks them)
             "ceiling": ceiling.model_dump_json() if ceiling is not None else "",
             "deadline": str(time.time() + timeout + GRACE),
         }
