@@ -67,8 +67,9 @@ class SessionsPausing(SessionsLifecycle):
     def resume(self, session_id: str, *, tenant: str = "default") -> SessionInfo:
         """Start a paused session again where it was; no-op if it is not paused."""
         self._check_open()
+        rec = self._record(tenant, session_id)
         try:
-            with self.store.lock(LOCKS, session_id, lease=PAUSE_LEASE, wait=self.config.busy_wait):
+            with self.store.lock(LOCKS, rec.id, lease=PAUSE_LEASE, wait=self.config.busy_wait):
                 rec = self._record(tenant, session_id)
                 if rec.paused_at is not None:
                     self._resume_locked(rec)
