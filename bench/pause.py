@@ -94,9 +94,10 @@ def main() -> int:
                     sessions.delete(s.id)
                 except Exception as exc:
                     failures.append(f"delete: {exc}")
+            worst = max(resume, default=float("nan"))
             print(
                 f"{language:<10} pause p50 {med(pause):5.0f} ms   resume p50 {med(resume):5.0f} ms (restore"
-                f" {med(splits.restore):4.0f} + reconnect {med(splits.reconnect):4.0f}), max {max(resume, default=float('nan')):5.0f} ms"
+                f" {med(splits.restore):4.0f} + reconnect {med(splits.reconnect):4.0f}), max {worst:5.0f} ms"
                 f"   checkpoint p50 {med(disk):5.1f} MiB   memory released p50 {med(held):5.0f} MiB"
                 f"   (n={n} sessions x {cycles} cycles, {len(resume)} resumes, {len(failures)} failures)"
             )
