@@ -286,6 +286,9 @@ class Record(BaseModel):
     checkpoint_quota: int | None = None  # the tenant's checkpoint disk quota at creation (None: none)
     checkpoint_bytes: int = 0  # its checkpoint's size on disk while paused
     auto_pause_refused: float | None = None  # last_used_at when an automatic pause was refused (not retried)
+    # Checkpointed while its creator's attach stream was open: the agent still serves its stdin,
+    # so a new attach made before the restore reaches it (no relay to start).
+    stdin_attached: bool = False
 
     @property
     def key(self) -> str:
