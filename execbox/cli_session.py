@@ -206,7 +206,7 @@ def _cmd_session_ls(args: argparse.Namespace) -> int:
     for s in found:
         print(
             f"{s.id}  {s.user_id:<16} {s.language:<10} {'repl' if s.repl else 'run ':<4} "
-            f"calls={s.calls:<5} ends in {max(s.expires_at - now, 0):.0f} s"
+            f"calls={s.calls:<5} ends in {max(s.expires_at - now, 0):.0f} s" + ("  paused" if s.paused else "")
         )
     return 0
 

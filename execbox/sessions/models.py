@@ -282,6 +282,7 @@ class Record(BaseModel):
     container_id: str | None = None
     paused_at: float | None = None  # checkpointed to disk (its container stopped) since then
     resumes: int = 0  # times restored from a checkpoint
+    resumed_at: float | None = None  # last restored then (an automatic pause counts unused time from here too)
     pause_after: float | None = None  # paused by the reaper after this many seconds unused
     checkpoint_quota: int | None = None  # the tenant's checkpoint disk quota at creation (None: none)
     checkpoint_bytes: int = 0  # its checkpoint's size on disk while paused

@@ -101,7 +101,7 @@ class SessionsPausing(SessionsLifecycle):
             and rec.paused_at is None
             and rec.status == "ready"
             and rec.isolation == "gvisor"
-            and now >= rec.last_used_at + rec.pause_after
+            and now >= max(rec.last_used_at, rec.resumed_at or 0.0) + rec.pause_after
             and rec.auto_pause_refused != rec.last_used_at
         )
 
@@ -208,6 +208,7 @@ class SessionsPausing(SessionsLifecycle):
         rec.paused_at = None
         rec.checkpoint_bytes = 0
         rec.resumes += 1
+        rec.resumed_at = time.time()
         rec.stdin_attached = False
         self._save(rec)
         try:
