@@ -17,6 +17,7 @@ import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
 from ..exceptions import ConfigurationError, EngineError, ImageNotFoundError, VolumeBusyError
+from . import runsc
 from ._docker import DockerChannel, patch_unix_connect, translate
 from .base import (
     Channel,
@@ -205,6 +206,8 @@ class DockerEngine(Engine):
             if "No such container" in str(exc) or "is already in progress" in str(exc):
                 return
             raise
+        finally:
+            runsc.clear_stale_state(sandbox_id)  # what runsc left of a paused sandbox (see runsc.py)
 
     def list_resources(self, label: str) -> list[ResourceInfo]:
         out: list[ResourceInfo] = []
@@ -273,10 +276,14 @@ class DockerEngine(Engine):
         return self._root / "containers" / sandbox_id / "checkpoints" / name
 
     def restore(self, sandbox_id: str, name: str) -> None:
-        # Two known containerd races, both gone within moments: right after a checkpoint it may
-        # still hold the stopped task ("id already in use"), and a retried upload of the same
-        # checkpoint blob may meet the previous attempt's copy not yet deleted ("commit failed:
-        # content sha256:...: already exists", moby#42900). Retry those with a growing pause.
+        # runsc 20221219 leaves a restored container that was checkpointed again recorded as
+        # "paused": its next restore would fail with "id already in use" (see runsc.py). Clear
+        # that record first. Two containerd races remain, both gone within moments: right after
+        # a checkpoint it may still hold the stopped task ("id already in use" too), and a
+        # retried upload of the same checkpoint blob may meet the previous attempt's copy not yet
+        # deleted ("commit failed: content sha256:...: already exists", moby#42900). Retry those
+        # with a growing pause.
+        runsc.clear_stale_state(sandbox_id)
         deadline = time.monotonic() + 20.0
         pause = 0.05
         while True:
@@ -291,8 +298,9 @@ class DockerEngine(Engine):
                 if not _transient_restore_error(str(exc)) or time.monotonic() > deadline:
                     raise
                 log.info("restore of %s retried: %s", sandbox_id[:12], exc)
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                if not runsc.clear_stale_state(sandbox_id):
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
         try:
             with translate(f"delete checkpoint of {sandbox_id[:12]}"):
                 res = self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", sandbox_id, name))

@@ -45,7 +45,6 @@ TENANT_LABEL = "execbox.tenant"
 LOCKS = ":session"  # lock namespace: ':' is never in a tenant or user id, so never a state lock
 ID_RE = re.compile(r"^ses_[0-9a-f]{24}$")
 AGENT = ("python3", "-I", "-S", f"{SANDBOX_DIR}/session_agent.py")
-RELAY = (*AGENT, "--relay")
 REPL_ARGV = {
     "python": ("python3", f"{SANDBOX_DIR}/session_repl.py"),
     "javascript": ("node", f"{SANDBOX_DIR}/session_repl.js"),
@@ -287,9 +286,6 @@ class Record(BaseModel):
     checkpoint_quota: int | None = None  # the tenant's checkpoint disk quota at creation (None: none)
     checkpoint_bytes: int = 0  # its checkpoint's size on disk while paused
     auto_pause_refused: float | None = None  # last_used_at when an automatic pause was refused (not retried)
-    # Checkpointed while its creator's attach stream was open: the agent still serves its stdin,
-    # so a new attach made before the restore reaches it (no relay to start).
-    stdin_attached: bool = False
 
     @property
     def key(self) -> str:

@@ -28,11 +28,10 @@ import builtins
 import logging
 import time
 
-from ..engine.base import Channel
 from ..exceptions import EngineError, SandboxError, SessionBusyError, SessionNotFoundError, SessionStateError
 from ..state import StateBusyError
 from .lifecycle import SessionsLifecycle
-from .link import LinkEnded, SessionLink
+from .link import LinkEnded
 from .models import LOCKS, RECORD_KIND, Record, SessionInfo
 
 __all__ = ["SessionsPausing"]
@@ -41,7 +40,6 @@ log = logging.getLogger("execbox.sessions")
 
 CHECKPOINT = "execbox"
 PAUSE_LEASE = 120.0
-REATTACH_WAIT = 5.0  # seconds the agent may take to answer on the attach stream after a restore
 
 
 def _mib(n: int) -> str:
@@ -166,28 +164,16 @@ class SessionsPausing(SessionsLifecycle):
         assert rec.container_id is not None
         with self._lock:
             link = self._links.pop(rec.id, None)
-        # The attach stream of its creation stays open through the checkpoint (it ends with the
-        # container): had it closed first, Docker would close the agent's stdin for good (StdinOnce).
-        attached = link is not None and link.via == "attach" and link.channel.alive()
-        if link is not None and not attached:
-            link.close()
-        started = time.monotonic()
-        try:
-            self.engine.checkpoint(rec.container_id, CHECKPOINT)
-        except BaseException:
-            if link is not None and attached:
-                with self._lock:
-                    self._links.setdefault(rec.id, link)  # still running: keep using it
-            raise
         if link is not None:
-            link.close()
+            link.close()  # the attach stream ends with the container; a relay reconnects after resume
+        started = time.monotonic()
+        self.engine.checkpoint(rec.container_id, CHECKPOINT)
         took = (time.monotonic() - started) * 1000
         size = self.engine.checkpoint_size(rec.container_id, CHECKPOINT)
         if size is None:  # the engine cannot tell: count the most it can be (all its memory)
             size = rec.limits.memory
         rec.paused_at = time.time()
         rec.checkpoint_bytes = size
-        rec.stdin_attached = attached
         self._save(rec)
         log.info("session %s paused in %.0f ms (checkpoint %s)", rec.id, took, _mib(size))
         return size
@@ -196,24 +182,15 @@ class SessionsPausing(SessionsLifecycle):
         """Restore the session from its checkpoint; the milliseconds it took."""
         assert rec.container_id is not None
         started = time.monotonic()
-        # Attached before the start, as at creation, if the agent still serves its stdin.
-        channel = self.engine.attach(rec.container_id) if rec.stdin_attached and self.attach_on_resume else None
-        try:
-            self.engine.restore(rec.container_id, CHECKPOINT)
-        except BaseException:
-            if channel is not None:
-                channel.close()
-            raise
+        self.engine.restore(rec.container_id, CHECKPOINT)
         restored = time.monotonic()
         rec.paused_at = None
         rec.checkpoint_bytes = 0
         rec.resumes += 1
         rec.resumed_at = time.time()
-        rec.stdin_attached = False
         self._save(rec)
         try:
-            if channel is None or not self._reattach(rec, channel):
-                self._connect(rec)  # the agent answers again (through a relay)
+            self._connect(rec)  # the agent answers again, through a relay (see the module's doc)
         except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:
             if self._check_container(rec) is None:
                 raise  # it runs: the engine failed this time
@@ -230,23 +207,6 @@ class SessionsPausing(SessionsLifecycle):
             (done - restored) * 1000,
         )
         return took
-
-    attach_on_resume = True  # False: always reconnect through a relay (as before; for comparison)
-
-    def _reattach(self, rec: Record, channel: Channel) -> bool:
-        """The agent answers on the attach stream made before the restore; False: use a relay."""
-        assert rec.container_id is not None
-        link = SessionLink(rec.container_id, channel, "attach")
-        try:
-            link.send_json({"op": "ping"})
-            link.reply(time.monotonic() + REATTACH_WAIT)
-        except (LinkEnded, TimeoutError, SandboxError) as exc:
-            log.info("session %s: no answer on its attach stream after the restore (%s): a relay", rec.id, exc)
-            link.close()
-            return False
-        with self._lock:
-            self._links[rec.id] = link
-        return True
 
     def _save(self, rec: Record) -> None:
         if not self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"):
