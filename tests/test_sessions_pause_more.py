@@ -57,7 +57,9 @@ def test_idle_and_lifetime_limits_end_paused_sessions(engine: Engine, tmp_path: 
             assert dirs[s.id].is_dir()
         for s in (idle, old):
             eventually(lambda s=s: session_gone(sessions, s.id), timeout=60, what=f"the end of {s.id}")
-            assert container_gone(engine, cids[s.id]) and not dirs[s.id].exists()
+            # The record goes first (calls see the session gone), then the container with its checkpoint.
+            eventually(lambda s=s: container_gone(engine, cids[s.id]), timeout=30, what="its container removed")
+            assert not dirs[s.id].exists()
             with pytest.raises(SessionNotFoundError):
                 sessions.execute(s.id, "print(1)")
     store.close()
