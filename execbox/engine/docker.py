@@ -246,6 +246,14 @@ class DockerEngine(Engine):
                 self.api._url("/containers/{0}/checkpoints", sandbox_id), data={"CheckpointID": name, "Exit": True}
             )
             self.api._raise_for_status(res)
+        # The answer comes before dockerd has handled the sandbox's exit: until then it reports the
+        # container running and paused (runsc pauses it to save it), and a start is refused ("cannot
+        # start a paused container"; seen once in 15 cycles). Return once it has stopped.
+        try:
+            with translate(f"wait for {sandbox_id[:12]} to stop"):
+                self.api.wait(sandbox_id, timeout=30, condition="not-running")
+        except requests.exceptions.ReadTimeout:
+            log.warning("checkpointed sandbox %s still reported running after 30 s", sandbox_id[:12])
 
     def checkpoint_size(self, sandbox_id: str, name: str) -> int | None:
         # Docker 20.10 keeps checkpoints in the container's own directory (a custom directory is
@@ -456,4 +464,8 @@ class DockerEngine(Engine):
 
 
 def _transient_restore_error(message: str) -> bool:
-    return "already in use" in message or ("checkpoint" in message and "already exists" in message)
+    return (
+        "already in use" in message
+        or ("checkpoint" in message and "already exists" in message)
+        or "cannot start a paused container" in message  # its checkpoint's exit not handled yet
+    )
