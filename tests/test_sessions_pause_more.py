@@ -121,7 +121,8 @@ def test_the_tenants_checkpoint_quota_refuses_a_pause_and_the_session_runs_on(en
         full_cid = container_of(store, full.id)
         assert engine.state(full_cid).running and not checkpoint_dir(engine, full_cid).exists()
         assert sessions.execute(full.id, "print(y)").stdout == "1\n"
-        other = sessions.create("bob", "python", isolation="gvisor", checkpoint_quota=held, tenant="other")
+        # Room for one checkpoint of this size, not for two: the default tenant's does not count here.
+        other = sessions.create("bob", "python", isolation="gvisor", checkpoint_quota=held * 3 // 2, tenant="other")
         assert sessions.pause(other.id, tenant="other").paused
         assert sessions.checkpoint_usage("other") > 0 and sessions.checkpoint_usage("default") == held
     store.close()
