@@ -106,7 +106,7 @@ def test_the_tenants_checkpoint_quota_refuses_a_pause_and_the_session_runs_on(en
         assert info.value.field == "checkpoint_quota" and "runs on" in str(info.value)
         cid = container_of(store, s.id)
         assert not sessions.get(s.id).paused and engine.state(cid).running
-        assert not checkpoint_dir(engine, cid).exists()
+        eventually(lambda: not checkpoint_dir(engine, cid).exists(), timeout=30, what="its checkpoint deleted")
         r = sessions.execute(s.id, "print(x + 1)")
         assert (r.stdout, r.resumed) == ("42\n", False), r.stderr
         # Already full: refused before any checkpoint. Quotas are per tenant.

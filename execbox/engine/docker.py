@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,7 @@ class DockerEngine(Engine):
         patch_unix_connect()
         self.api = client
         self._root: Path | None = None  # the engine's data root, once asked (checkpoint sizes)
+        self._forgetting: dict[str, threading.Thread] = {}  # checkpoints being deleted after a restore
 
     @classmethod
     def from_env(cls, timeout: float = 60) -> DockerEngine:
@@ -241,6 +243,9 @@ class DockerEngine(Engine):
         return DockerChannel(getattr(io, "_sock", io), io)
 
     def checkpoint(self, sandbox_id: str, name: str) -> None:
+        pending = self._forgetting.get(sandbox_id)
+        if pending is not None:
+            pending.join(30)  # the previous checkpoint of the same name is being deleted
         with translate(f"checkpoint {sandbox_id[:12]}"):
             res = self.api._post_json(
                 self.api._url("/containers/{0}/checkpoints", sandbox_id), data={"CheckpointID": name, "Exit": True}
@@ -309,12 +314,24 @@ class DockerEngine(Engine):
                 if not runsc.clear_stale_state(sandbox_id):
                     time.sleep(pause)
                     pause = min(pause * 2, 1.0)
+        # Forget the checkpoint off the resume's path (measured: p50 5 ms, but up to 250 ms under
+        # load); a later checkpoint of the sandbox waits for it. Left undone, it goes with the container.
+        forget = threading.Thread(
+            target=self._forget_checkpoint, args=(sandbox_id, name), name="execbox-forget-checkpoint", daemon=True
+        )
+        self._forgetting[sandbox_id] = forget
+        forget.start()
+
+    def _forget_checkpoint(self, sandbox_id: str, name: str) -> None:
         try:
             with translate(f"delete checkpoint of {sandbox_id[:12]}"):
                 res = self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", sandbox_id, name))
                 self.api._raise_for_status(res)
         except EngineError as exc:  # it goes with the container
             log.warning("checkpoint %s of %s kept: %s", name, sandbox_id[:12], exc)
+        finally:
+            if self._forgetting.get(sandbox_id) is threading.current_thread():
+                self._forgetting.pop(sandbox_id, None)
 
     def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:
         with translate(f"network {name}"):
@@ -460,6 +477,8 @@ class DockerEngine(Engine):
             return bool(self.api.containers(filters={"volume": name, "status": "running"}, quiet=True))
 
     def close(self) -> None:
+        for pending in list(self._forgetting.values()):
+            pending.join(5)
         self.api.close()
 
 
