@@ -80,7 +80,9 @@ class Sessions(SessionsCalls):
         self._stop = threading.Event()
         self._counts = {"created": 0, "ended": 0}  # by this object, since it was made
         self._init_egress(egress, proxy_host_map)
-        self.reap()  # adopt what lives, remove what the registry does not know
+        # Adopt what lives, remove what the registry does not know. Automatic pauses are the reaper
+        # thread's: a short-lived process (a CLI command) does not pause sessions on its way.
+        self.reap(pause_idle=start_reaper)
         self._reaper: threading.Thread | None = None
         if start_reaper:
             self._reaper = threading.Thread(target=self._reap_loop, name="execbox-session-reaper", daemon=True)

@@ -83,10 +83,12 @@ class SessionsPausing(SessionsLifecycle):
 
     # -- the reaper's automatic pause -------------------------------------------------------
 
-    def reap(self) -> builtins.list[str]:
-        """One reaper pass (see ``SessionsLifecycle.reap``), then pause the sessions unused for their
-        ``pause_after``. Returns the ids of the sessions it ended."""
+    def reap(self, *, pause_idle: bool = True) -> builtins.list[str]:
+        """One reaper pass (see ``SessionsLifecycle.reap``), then (``pause_idle``) pause the sessions
+        unused for their ``pause_after``. Returns the ids of the sessions it ended."""
         ended = super().reap()
+        if not pause_idle:
+            return ended
         now = time.time()
         for rec in self._records():
             if rec.id not in ended and self._auto_pause_due(rec, now) and not self._closed:

@@ -45,4 +45,4 @@ while True:
                 view = view[os.write(1, view):]
 """
 
-RELAY = ("python3", "-I", "-S", "-c", RELAY_CODE)
+RELAY = ("python3", "-I", "-S", "-c", RELAY_CODE, "--relay")  # the last argument: to tell it apart in ps
