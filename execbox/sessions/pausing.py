@@ -124,8 +124,8 @@ class SessionsPausing(SessionsLifecycle):
                         current.auto_pause_refused = current.last_used_at
                         self._save(current)
                     return False
-        except (StateBusyError, SessionNotFoundError):
-            return False
+        except (StateBusyError, SessionBusyError, SessionNotFoundError):
+            return False  # busy (a call, or the tenant's other pause): a later pass tries again
 
     # -- under the session's lock -----------------------------------------------------------
 
