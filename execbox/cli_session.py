@@ -111,6 +111,7 @@ def _cmd_session_new(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "image": args.image,
         "isolation": args.isolation,
+        "pause_after": args.pause_after,
         "limits": limits or None,
         "idle_timeout": args.idle_timeout,
         "max_lifetime": args.max_lifetime,
@@ -205,7 +206,7 @@ def _cmd_session_ls(args: argparse.Namespace) -> int:
     for s in found:
         print(
             f"{s.id}  {s.user_id:<16} {s.language:<10} {'repl' if s.repl else 'run ':<4} "
-            f"calls={s.calls:<5} ends in {max(s.expires_at - now, 0):.0f} s"
+            f"calls={s.calls:<5} ends in {max(s.expires_at - now, 0):.0f} s" + ("  paused" if s.paused else "")
         )
     return 0
 
@@ -268,6 +269,12 @@ def add_parser(sub: Any) -> None:
     new.add_argument("-t", "--timeout", type=float, help="default timeout per call (s)")
     new.add_argument("--idle-timeout", type=float, help="end it after this many seconds unused (default 600)")
     new.add_argument("--max-lifetime", type=float, help="end it this many seconds after creation (default 3600)")
+    new.add_argument(
+        "--pause-after",
+        type=float,
+        metavar="SECONDS",
+        help="pause it to disk after this many seconds unused (gvisor only; its next call resumes it)",
+    )
     new.add_argument("--no-repl", action="store_true", help="run each call afresh (files still persist)")
     new.add_argument(
         "--network", choices=("none", "proxy"), help="egress (default none; proxy with --allow/--policy/--secret)"

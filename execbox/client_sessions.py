@@ -56,6 +56,7 @@ def _create_body(
     network: str | dict[str, Any] | None,
     secrets: dict[str, dict[str, Any]] | None,
     isolation: str | None = None,
+    pause_after: float | None = None,
 ) -> dict[str, Any]:
     fields = {
         "user_id": user_id,
@@ -68,6 +69,7 @@ def _create_body(
         "network": network,
         "secrets": secrets,
         "isolation": isolation,
+        "pause_after": pause_after,
     }
     return _validated(SessionCreateRequest, fields)
 
@@ -107,14 +109,26 @@ class SessionsMixin:
         network: str | dict[str, Any] | None = None,
         secrets: dict[str, dict[str, Any]] | None = None,
         isolation: str | None = None,
+        pause_after: float | None = None,
     ) -> SessionInfo:
         """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
 
+        ``pause_after``: paused to disk after that many seconds unused (gvisor only).
         ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
         give the session egress through the service's proxy, for every call; ``isolation``:
         ``"container"`` or ``"gvisor"`` (default: the service's)."""
         body = _create_body(
-            user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets, isolation
+            user_id,
+            language,
+            image,
+            limits,
+            idle_timeout,
+            max_lifetime,
+            repl,
+            network,
+            secrets,
+            isolation,
+            pause_after,
         )
         response = self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())
@@ -197,14 +211,26 @@ class AsyncSessionsMixin:
         network: str | dict[str, Any] | None = None,
         secrets: dict[str, dict[str, Any]] | None = None,
         isolation: str | None = None,
+        pause_after: float | None = None,
     ) -> SessionInfo:
         """Start a persistent session for ``user_id`` (QuotaExceededError over the caps).
 
+        ``pause_after``: paused to disk after that many seconds unused (gvisor only).
         ``network`` ("proxy" or a policy: allow/deny) and ``secrets`` (name -> {"value", "hosts"})
         give the session egress through the service's proxy, for every call; ``isolation``:
         ``"container"`` or ``"gvisor"`` (default: the service's)."""
         body = _create_body(
-            user_id, language, image, limits, idle_timeout, max_lifetime, repl, network, secrets, isolation
+            user_id,
+            language,
+            image,
+            limits,
+            idle_timeout,
+            max_lifetime,
+            repl,
+            network,
+            secrets,
+            isolation,
+            pause_after,
         )
         response = await self._send("POST", "/v1/sessions", _SESSION_CREATE_READ, json=body)
         return SessionInfo.model_validate(response.json())

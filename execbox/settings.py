@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine.base import Isolation
+from .models import Size
 
 __all__ = ["Settings", "settings_table"]
 
@@ -130,6 +131,18 @@ class Settings(BaseSettings):
     session_idle_timeout_limit: float = Field(86400.0, gt=0, description="Largest idle timeout a client may ask.")
     session_max_lifetime_limit: float = Field(86400.0, gt=0, description="Largest max lifetime a client may ask.")
     session_reap_interval: float = Field(5.0, gt=0, description="Seconds between passes of the session reaper.")
+    session_pause_after: float | None = Field(
+        None,
+        gt=0,
+        description="Default pause_after of gvisor sessions: paused to disk after this many seconds unused (and"
+        " resumed by their next call); unset: only when asked.",
+    )
+    session_checkpoint_quota: Size = Field(
+        2 << 30,
+        ge=0,
+        description="Disk (bytes, or e.g. 2g) one tenant's paused sessions' checkpoints may hold together, unless"
+        " its policy sets checkpoint_quota; a pause beyond it is refused (409 naming checkpoint_quota).",
+    )
 
     pool_min_ready: int = Field(2, ge=0, description="Warm sandboxes kept ready per pooled language (0: no pool).")
     pool_max_total: int = Field(8, ge=0, description="Cap on ready plus in-creation pooled sandboxes.")

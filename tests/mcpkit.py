@@ -27,6 +27,13 @@ from .serverkit import write_tenants
 from .test_sessions import end_all, eventually
 
 EXECBOX = str(Path(sys.executable).with_name("execbox"))
+# The checkout under test, ahead of whatever the venv's console script would import.
+SOURCE = str(Path(__file__).resolve().parents[1])
+
+
+def _environ(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (SOURCE, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @dataclass
@@ -48,14 +55,13 @@ def service(engine: Engine, tmp_path: Path, **env: str) -> Iterator[Service]:
     """``execbox serve`` with serverkit's tenants, on loopback; its sessions all end afterwards."""
     port = _free_port()
     registry = f"sqlite:///{tmp_path}/registry.db"
-    variables = {
-        **os.environ,
-        "EXECBOX_SESSION_STORE_URL": registry,
-        "EXECBOX_DATA_DIR": str(tmp_path / "data"),
-        "EXECBOX_LOG_LEVEL": "warning",
-        "EXECBOX_SHUTDOWN_GRACE": "1",
+    variables = _environ(
+        EXECBOX_SESSION_STORE_URL=registry,
+        EXECBOX_DATA_DIR=str(tmp_path / "data"),
+        EXECBOX_LOG_LEVEL="warning",
+        EXECBOX_SHUTDOWN_GRACE="1",
         **env,
-    }
+    )
     log = tmp_path / "serve.log"
     args = [EXECBOX, "serve", "--port", str(port), "--tenants", str(write_tenants(tmp_path))]
     with open(log, "wb") as out:
@@ -96,7 +102,7 @@ def ended(engine: Engine, registry: str) -> None:
 @asynccontextmanager
 async def stdio_session(*args: str) -> AsyncIterator[ClientSession]:
     """The official MCP client, talking to ``execbox mcp ARGS`` that it spawns."""
-    params = StdioServerParameters(command=EXECBOX, args=["mcp", *args], env=dict(os.environ))
+    params = StdioServerParameters(command=EXECBOX, args=["mcp", *args], env=_environ())
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         yield session

@@ -24,6 +24,8 @@ TOOLS = {
     "session_list",
     "session_write_files",
     "session_read_file",
+    "session_pause",
+    "session_resume",
 }
 
 

@@ -15,8 +15,10 @@ from execbox.exceptions import (
     InvalidRequestError,
     PermissionDeniedError,
     QuotaExceededError,
+    SessionBusyError,
     SessionLimitError,
     SessionNotFoundError,
+    SessionStateError,
 )
 from execbox.mcp.backend import McpBackend
 from execbox.mcp.tools import build_server
@@ -43,8 +45,10 @@ class FakeBackend(McpBackend):
             id="x", language=language, stdout="out", stderr="err", exit_code=137, duration_ms=1.0, timed_out=True
         )
 
-    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
-        self._check("create", (language, image, isolation))
+    async def create_session(
+        self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None
+    ) -> SessionInfo:
+        self._check("create", (language, image, isolation) + ((pause_after,) if pause_after is not None else ()))
         raise SessionLimitError("no room", "user", retry_after=1)
 
     async def session_call(self, session_id: str, code: str | None, **kw: Any) -> SessionResult:
@@ -58,6 +62,34 @@ class FakeBackend(McpBackend):
 
     async def list_sessions(self) -> list[SessionInfo]:
         return []
+
+    async def pause_session(self, session_id: str) -> SessionInfo:
+        self._check("pause", session_id)
+        return _info(session_id, paused=True)
+
+    async def resume_session(self, session_id: str) -> SessionInfo:
+        self._check("resume", session_id)
+        return _info(session_id, paused=False)
+
+
+def _info(session_id: str, paused: bool) -> SessionInfo:
+    return SessionInfo(
+        id=session_id,
+        user_id="mcp",
+        language="python",
+        repl=True,
+        image="img",
+        isolation="gvisor",
+        limits={},
+        status="ready",
+        created_at=1.0,
+        last_used_at=1.0,
+        expires_at=601.0,
+        idle_timeout=600.0,
+        max_lifetime=3600.0,
+        paused=paused,
+        pause_after=30.0,
+    )
 
 
 def _call(backend: FakeBackend, tool: str, args: dict[str, Any]) -> Any:
@@ -132,3 +164,27 @@ def test_isolation_reaches_the_backend_for_runs_and_sessions() -> None:
     assert backend.calls[-1][1][2]["isolation"] == "gvisor"
     result = _call(backend, "session_create", {"language": "python", "isolation": "gvisor"})
     assert backend.calls[-1] == ("create", ("python", None, "gvisor")) and result.isError
+
+
+def test_pause_tools_answer_the_session_and_name_the_field_when_refused() -> None:
+    backend = FakeBackend()
+    paused = _call(backend, "session_pause", {"session_id": "ses_1"})
+    assert not paused.isError and backend.calls[-1] == ("pause", "ses_1")
+    assert paused.structuredContent["paused"] and paused.structuredContent["pause_after"] == 30.0
+    resumed = _call(backend, "session_resume", {"session_id": "ses_1"})
+    assert backend.calls[-1] == ("resume", "ses_1") and resumed.structuredContent["paused"] is False
+    for error, field in (
+        (SessionStateError("isolation", "a session under 'container' cannot be paused"), "isolation"),
+        (SessionStateError("checkpoint_quota", "over the quota: it runs on"), "checkpoint_quota"),
+        (SessionNotFoundError("no session 'ses_1'"), "session_id"),
+        (SessionBusyError("session ses_1 is busy with a call"), "session_id"),
+    ):
+        backend.error = error
+        for tool in ("session_pause", "session_resume"):
+            bad = _call(backend, tool, {"session_id": "ses_1"})
+            assert bad.isError and field in _text(bad), _text(bad)
+    backend.error = None
+    _call(backend, "session_create", {"language": "python", "isolation": "gvisor", "pause_after": 30})
+    assert backend.calls[-1] == ("create", ("python", None, "gvisor", 30.0))
+    bad = _call(backend, "session_create", {"language": "python", "pause_after": -1})
+    assert bad.isError and "pause_after" in _text(bad)

@@ -1,5 +1,6 @@
 """Sessions paused to disk and resumed where they were (isolation gvisor): real runsc
-checkpoints through the real Docker Engine (experimental mode, turned on by setup)."""
+checkpoints through the real Docker Engine (experimental mode, turned on by setup).
+Automatic pauses, quotas, a pause during a call and the MCP tools: test_sessions_pause_more.py."""
 
 from __future__ import annotations
 
@@ -8,19 +9,29 @@ from pathlib import Path
 import pytest
 
 from execbox.engine.base import Engine
+from execbox.engine.docker import DockerEngine
 from execbox.exceptions import SessionStateError
-from execbox.sessions import RECORD_KIND
+from execbox.sessions import RECORD_KIND, Sessions
+from execbox.sessions.pausing import CHECKPOINT
 from execbox.state.sqlite import SQLiteStateStore
 
-from .test_sessions import sessions_over
+from .support import eventually
+from .test_sessions import container_gone, sessions_over
 
 pytestmark = pytest.mark.docker
 
 
-def _container(store: SQLiteStateStore, session_id: str) -> str:
-    record = store.get_record(RECORD_KIND, f"default/{session_id}")
+def container_of(store: SQLiteStateStore, session_id: str, tenant: str = "default") -> str:
+    record = store.get_record(RECORD_KIND, f"{tenant}/{session_id}")
     assert record is not None
     return str(record["container_id"])
+
+
+def checkpoint_dir(engine: Engine, cid: str) -> Path:
+    assert isinstance(engine, DockerEngine)
+    path = engine.checkpoint_dir(cid, CHECKPOINT)
+    assert path is not None, "the engine's data root is not visible here"
+    return path
 
 
 def test_variables_files_and_the_repl_survive_pause_and_resume(engine: Engine, tmp_path: Path) -> None:
@@ -30,22 +41,66 @@ def test_variables_files_and_the_repl_survive_pause_and_resume(engine: Engine, t
         sessions.execute(s.id, "import json\nx = 41\nopen('/work/note.txt', 'w').write('kept')")
         info = sessions.pause(s.id)
         assert info.paused and sessions.get(s.id).paused
-        cid = _container(store, s.id)
+        cid = container_of(store, s.id)
         assert not engine.state(cid).running  # holds no memory or CPU while paused
+        # Its checkpoint is on the engine's disk, measured and counted for the tenant.
+        on_disk = checkpoint_dir(engine, cid)
+        assert on_disk.is_dir() and info.checkpoint_bytes > 0
+        assert sessions.checkpoint_usage("default") == info.checkpoint_bytes
         assert sessions.pause(s.id).paused  # pausing again changes nothing
         # A call resumes it and says so; variables, imports and files are where they were.
         r = sessions.execute(s.id, "print(json.dumps(x + 1), open('/work/note.txt').read())")
         assert (r.stdout, r.exit_code, r.repl_reset) == ("42 kept\n", 0, False), r.stderr
         assert r.resumed and r.resume_ms is not None and r.resume_ms > 0
         assert not sessions.get(s.id).paused and engine.state(cid).running
+        assert sessions.checkpoint_usage("default") == 0
+        eventually(lambda: not on_disk.exists(), timeout=30, what="the used checkpoint deleted")  # off the path
         assert not sessions.resume(s.id).paused  # resuming a running session changes nothing
         again = sessions.execute(s.id, "x += 1\nprint(x)")
         assert (again.stdout, again.resumed) == ("42\n", False)
-        # This engine cannot restore a second checkpoint of a restored container: refused, session intact.
-        with pytest.raises(SessionStateError) as info2:
-            sessions.pause(s.id)
-        assert info2.value.field == "session_id"
-        assert sessions.execute(s.id, "print(x)").stdout == "42\n"
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("language", "step", "show"),
+    [
+        ("python", "n = globals().get('n', 0) + 1", "print(n)"),
+        ("javascript", "globalThis.n = (globalThis.n || 0) + 1", "console.log(n)"),
+    ],
+)
+def test_a_session_pauses_and_resumes_again_and_again(
+    engine: Engine, tmp_path: Path, language: str, step: str, show: str
+) -> None:
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    with sessions_over(engine, store, start_reaper=False) as sessions:
+        s = sessions.create("alice", language, isolation="gvisor")
+        for cycle in range(1, 4):
+            sessions.execute(s.id, step)
+            assert sessions.pause(s.id).paused
+            if cycle % 2:
+                r = sessions.execute(s.id, show)  # resumed by the call
+                assert r.resumed, (cycle, r.stderr)
+            else:
+                assert not sessions.resume(s.id).paused  # resumed when asked
+                r = sessions.execute(s.id, show)
+                assert not r.resumed
+            assert (r.stdout, r.exit_code, r.repl_reset) == (f"{cycle}\n", 0, False), (cycle, r.stderr)
+    store.close()
+
+
+def test_a_paused_sessions_checkpoint_goes_with_it(engine: Engine, tmp_path: Path) -> None:
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    with sessions_over(engine, store, start_reaper=False) as sessions:
+        s = sessions.create("alice", "python", isolation="gvisor")
+        sessions.execute(s.id, "blob = bytearray(8 << 20)")
+        sessions.pause(s.id)
+        cid = container_of(store, s.id)
+        on_disk = checkpoint_dir(engine, cid)
+        assert sum(f.stat().st_size for f in on_disk.rglob("*") if f.is_file()) > 0
+        sessions.delete(s.id)
+        assert container_gone(engine, cid)
+        assert not on_disk.exists() and not on_disk.parent.parent.exists()  # nothing of it left on disk
+        assert sessions.checkpoint_usage("default") == 0
     store.close()
 
 
@@ -77,18 +132,53 @@ def test_a_container_session_cannot_be_paused(engine: Engine, tmp_path: Path) ->
 def test_pause_and_resume_over_http(engine: Engine, tmp_path: Path) -> None:
     from .serverkit import live_server, settings
 
-    cfg = settings(None, no_auth=True, data_dir=str(tmp_path / "data"), session_store_url=f"sqlite:///{tmp_path}/s.db")
+    cfg = settings(
+        None,
+        no_auth=True,
+        data_dir=str(tmp_path / "data"),
+        session_store_url=f"sqlite:///{tmp_path}/s.db",
+        session_pause_after=300,
+    )
     with live_server(engine, cfg, pool=False) as srv, srv.client(None) as c:
         made = c.post("/v1/sessions", json={"user_id": "alice", "language": "python", "isolation": "gvisor"})
         assert made.status_code == 201, made.text
+        assert made.json()["pause_after"] == 300  # the service's default, for gvisor sessions
         sid = made.json()["id"]
         assert c.post(f"/v1/sessions/{sid}/execute", json={"code": "y = 20"}).status_code == 200
         paused = c.post(f"/v1/sessions/{sid}/pause")
         assert paused.status_code == 200 and paused.json()["paused"], paused.text
+        assert paused.json()["checkpoint_bytes"] > 0
         r = c.post(f"/v1/sessions/{sid}/execute", json={"code": "print(y + 22)"}).json()
         assert (r["stdout"], r["resumed"]) == ("42\n", True)
-        plain = c.post("/v1/sessions", json={"user_id": "alice", "language": "python"}).json()["id"]
-        refused = c.post(f"/v1/sessions/{plain}/pause")
+        plain = c.post("/v1/sessions", json={"user_id": "alice", "language": "python"}).json()
+        assert plain["pause_after"] is None  # the default is for gvisor sessions only
+        refused = c.post(f"/v1/sessions/{plain['id']}/pause")
         assert refused.status_code == 409 and refused.json()["error"]["field"] == "isolation", refused.text
-        for s in (sid, plain):
+        # pause_after asked for where it cannot be: 422 naming it, nothing created.
+        for body in (
+            {"user_id": "alice", "language": "python", "isolation": "container", "pause_after": 5},
+            {"user_id": "alice", "language": "python", "isolation": "gvisor", "pause_after": 5, "idle_timeout": 5},
+            {"user_id": "alice", "language": "python", "isolation": "gvisor", "pause_after": 0},
+            {"user_id": "alice", "language": "python", "isolation": "gvisor", "pause_after": "soon"},
+        ):
+            bad = c.post("/v1/sessions", json=body)
+            assert bad.status_code == 422 and bad.json()["error"]["field"] == "pause_after", bad.text
+        for s in (sid, plain["id"]):
             assert c.delete(f"/v1/sessions/{s}").status_code == 204
+
+
+def test_pause_after_is_checked_where_it_cannot_apply(engine: Engine, tmp_path: Path) -> None:
+    from execbox.exceptions import InvalidRequestError
+
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    with Sessions(engine, store, start_reaper=False) as sessions:
+        for kwargs in (
+            {"isolation": "container", "pause_after": 30},
+            {"isolation": "gvisor", "pause_after": 600, "idle_timeout": 600},
+            {"isolation": "gvisor", "pause_after": -1},
+        ):
+            with pytest.raises(InvalidRequestError) as info:
+                sessions.create("alice", "python", **kwargs)  # type: ignore[arg-type]
+            assert info.value.field == "pause_after"
+        assert sessions.list("default") == []  # nothing was created
+    store.close()

@@ -200,6 +200,10 @@ class Engine(ABC):
         """Start the sandbox again from checkpoint ``name`` (then forget the checkpoint)."""
         raise EngineError(f"the {self.name} engine cannot restore sandboxes")
 
+    def checkpoint_size(self, sandbox_id: str, name: str) -> int | None:
+        """Bytes checkpoint ``name`` of the sandbox holds on disk; None if this engine cannot tell."""
+        return None
+
     # -- networks (egress; engines without them refuse) ---------------------------------------
 
     def ensure_internal_network(self, name: str, bridge: str, labels: dict[str, str]) -> NetworkInfo:

@@ -40,7 +40,9 @@ class McpBackend(abc.ABC):
         """One ephemeral run in a fresh sandbox."""
 
     @abc.abstractmethod
-    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo: ...
+    async def create_session(
+        self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None
+    ) -> SessionInfo: ...
 
     @abc.abstractmethod
     async def session_call(
@@ -59,6 +61,14 @@ class McpBackend(abc.ABC):
 
     @abc.abstractmethod
     async def list_sessions(self) -> list[SessionInfo]: ...
+
+    @abc.abstractmethod
+    async def pause_session(self, session_id: str) -> SessionInfo:
+        """Checkpoint the session to disk (gvisor sessions only)."""
+
+    @abc.abstractmethod
+    async def resume_session(self, session_id: str) -> SessionInfo:
+        """Start a paused session again where it was."""
 
     async def aclose(self) -> None:  # noqa: B027 (optional: most backends hold nothing)
         """Release what the backend holds (sessions themselves live on until they expire)."""
@@ -88,6 +98,7 @@ class SessionCallOutput(RunOutput):
         description="The interpreter was restarted (timeout, memory, exit): earlier variables are gone, files stay."
     )
     session_ended: bool = Field(description="The session is over; create a new one.")
+    resumed: bool = Field(False, description="The session was paused: this call resumed it first.")
 
 
 class SessionOutput(BaseModel):
@@ -97,6 +108,9 @@ class SessionOutput(BaseModel):
     calls: int
     idle_timeout: float = Field(description="Seconds unused after which the session ends.")
     expires_at: float = Field(description="Unix time the session ends unless it is used before.")
+    isolation: str = Field("container", description="container or gvisor (only gvisor sessions can pause).")
+    paused: bool = Field(False, description="Paused to disk: its next session_run resumes it.")
+    pause_after: float | None = Field(None, description="Seconds unused after which it pauses by itself (or null).")
 
     @classmethod
     def of(cls, info: SessionInfo) -> SessionOutput:
@@ -107,6 +121,9 @@ class SessionOutput(BaseModel):
             calls=info.calls,
             idle_timeout=info.idle_timeout,
             expires_at=info.expires_at,
+            isolation=info.isolation,
+            paused=info.paused,
+            pause_after=info.pause_after,
         )
 
 

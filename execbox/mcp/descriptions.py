@@ -39,13 +39,16 @@ In python and javascript sessions, variables, functions and imports persist betw
 notebook-like REPL: a last bare expression is echoed); bash sessions run each call in a fresh shell. Files
 in /work persist for the session's whole life in every language. A session ends after 10 minutes unused,
 after at most 1 hour, or on session_close; the number of live sessions is capped (about 3 per user), so
-close sessions you are done with. {_LIMITS}"""
+close sessions you are done with. With isolation 'gvisor' a session can be paused to disk (session_pause, or
+pause_after seconds unused): it then holds no memory, and the next session_run resumes it with its variables and
+files. {_LIMITS}"""
 
 SESSION_RUN = f"""Run code in a session created by session_create; output is this call's only.
 
 Variables and imports from earlier calls are available (python/javascript), as are files in /work. At the
 timeout the call is interrupted and the session survives; if the interpreter had to be restarted
 (repl_reset: true) earlier variables are gone but files stay. session_ended: true means the session is over.
+A paused session is resumed first (resumed: true; it takes about a second).
 {_RESULT}"""
 
 SESSION_WRITE_FILES = """Write text files into a session's /work (relative paths; folders are created).
@@ -60,4 +63,16 @@ Returns its content as text (or base64 for binary files). Files larger than the 
 
 SESSION_CLOSE = """End a session now: its sandbox and every file in it are destroyed."""
 
-SESSION_LIST = """List the live sessions (id, language, calls so far, when each ends unless used)."""
+SESSION_PAUSE = """Pause a session to disk while you do not need it; it keeps everything.
+
+Only for sessions created with isolation 'gvisor' (others: an error naming isolation). Its memory (variables,
+imports) and files in /work are saved and its sandbox stops, so it holds no memory or CPU. Nothing is lost:
+the next session_run (or session_resume) continues exactly where it was. A call still running is waited for.
+The disk paused sessions may hold is limited: beyond it the pause is refused (an error naming
+checkpoint_quota) and the session simply keeps running. Idle and lifetime limits still end a paused session."""
+
+SESSION_RESUME = """Resume a paused session now (session_run resumes one by itself; this only saves that delay).
+
+Its variables, imports and files are as they were when it was paused. Resuming a running session does nothing."""
+
+SESSION_LIST = """List the live sessions (id, language, calls so far, paused or not, when each ends unless used)."""

@@ -51,9 +51,17 @@ class LocalBackend(McpBackend):
         result: ExecutionResult = await self._call(self.executor.execute, code, env, language=language, **fields)
         return result
 
-    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
+    async def create_session(
+        self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None
+    ) -> SessionInfo:
         info: SessionInfo = await self._call(
-            self.sessions.create, self.user_id, language, image, tenant=self.tenant, isolation=isolation
+            self.sessions.create,
+            self.user_id,
+            language,
+            image,
+            tenant=self.tenant,
+            isolation=isolation,
+            pause_after=pause_after,
         )
         return info
 
@@ -84,6 +92,14 @@ class LocalBackend(McpBackend):
     async def list_sessions(self) -> list[SessionInfo]:
         found: list[SessionInfo] = await self._call(self.sessions.list, self.tenant)
         return found
+
+    async def pause_session(self, session_id: str) -> SessionInfo:
+        info: SessionInfo = await self._call(self.sessions.pause, session_id, tenant=self.tenant)
+        return info
+
+    async def resume_session(self, session_id: str) -> SessionInfo:
+        info: SessionInfo = await self._call(self.sessions.resume, session_id, tenant=self.tenant)
+        return info
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self.sessions.close)

@@ -37,8 +37,12 @@ class RemoteBackend(McpBackend):
         }
         return await self.client.execute(code, env, language=language, **fields)
 
-    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
-        return await self.client.create_session(self.user_id, language, image=image, isolation=isolation)
+    async def create_session(
+        self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None
+    ) -> SessionInfo:
+        return await self.client.create_session(
+            self.user_id, language, image=image, isolation=isolation, pause_after=pause_after
+        )
 
     async def session_call(
         self,
@@ -58,6 +62,12 @@ class RemoteBackend(McpBackend):
 
     async def list_sessions(self) -> list[SessionInfo]:
         return await self.client.list_sessions()
+
+    async def pause_session(self, session_id: str) -> SessionInfo:
+        return await self.client.pause_session(session_id)
+
+    async def resume_session(self, session_id: str) -> SessionInfo:
+        return await self.client.resume_session(session_id)
 
     async def aclose(self) -> None:
         await self.client.aclose()

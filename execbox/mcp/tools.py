@@ -22,8 +22,10 @@ from ..exceptions import (
     PermissionDeniedError,
     QuotaExceededError,
     ServerBusyError,
+    SessionBusyError,
     SessionLimitError,
     SessionNotFoundError,
+    SessionStateError,
 )
 from .backend import McpBackend, RunOutput, SessionCallOutput, SessionListOutput, SessionOutput, run_output
 from .descriptions import (
@@ -32,7 +34,9 @@ from .descriptions import (
     SESSION_CLOSE,
     SESSION_CREATE,
     SESSION_LIST,
+    SESSION_PAUSE,
     SESSION_READ_FILE,
+    SESSION_RESUME,
     SESSION_RUN,
     SESSION_WRITE_FILES,
 )
@@ -75,6 +79,17 @@ class FileOutput(BaseModel):
     size: int = Field(description="Size in bytes.")
 
 
+PauseAfter = Annotated[
+    float | None,
+    Field(
+        description="Only with isolation 'gvisor': pause the session to disk after this many seconds unused"
+        " (it then holds no memory; the next session_run resumes it, variables intact). Less than the session's"
+        " idle timeout (600 s by default).",
+        gt=0,
+    ),
+]
+
+
 class ClosedOutput(BaseModel):
     session_id: str
     closed: bool
@@ -88,6 +103,10 @@ def _tool_error(exc: ExecboxError) -> ToolError:
         return ToolError(f"not allowed: {exc.field}: {exc}")
     if isinstance(exc, SessionNotFoundError | NotFoundError):
         return ToolError(f"invalid session_id: {exc} (list live sessions with session_list, or create one)")
+    if isinstance(exc, SessionStateError):
+        return ToolError(f"not possible: {exc.field}: {exc}")
+    if isinstance(exc, SessionBusyError):
+        return ToolError(f"session_id busy: {exc} (wait for its call to finish, then try again)")
     retry = getattr(exc, "retry_after", None)
     if isinstance(exc, SessionLimitError | QuotaExceededError | ServerBusyError) and retry:
         return ToolError(f"{exc} (retry after {retry:g} s)")
@@ -97,7 +116,9 @@ def _tool_error(exc: ExecboxError) -> ToolError:
 def _text(out: BaseModel) -> str:
     data = out.model_dump()
     head = [f"{k}: {data[k]}" for k in ("session_id", "call") if k in data]
-    notes = [k for k in ("timed_out", "oom_killed", "truncated", "repl_reset", "session_ended") if data.get(k)]
+    notes = [
+        k for k in ("timed_out", "oom_killed", "truncated", "repl_reset", "session_ended", "resumed") if data.get(k)
+    ]
     head.append(f"exit_code: {data['exit_code']}" + (f" ({', '.join(notes)})" if notes else ""))
     parts = ["\n".join(head)]
     for stream in ("stdout", "stderr"):
@@ -156,10 +177,11 @@ def build_server(backend_for: BackendFor, **options: Any) -> FastMCP:
         ctx: Context[Any, Any, Any],
         image: Annotated[str | None, Field(description="A package image name, e.g. 'data' (if built).")] = None,
         isolation: Isolation = None,
+        pause_after: PauseAfter = None,
     ) -> Annotated[CallToolResult, SessionOutput]:
         backend = await backend_for(ctx)
         try:
-            info = await backend.create_session(language, image, isolation)
+            info = await backend.create_session(language, image, isolation, pause_after)
         except ExecboxError as exc:
             raise _tool_error(exc) from None
         return _answer(SessionOutput.of(info))
@@ -178,6 +200,7 @@ def build_server(backend_for: BackendFor, **options: Any) -> FastMCP:
             "call": result.call,
             "repl_reset": result.repl_reset,
             "session_ended": result.session_ended,
+            "resumed": result.resumed,
         }
         out = SessionCallOutput(**run_output(result, **extra))
         return _answer(out, _text(out))
@@ -235,6 +258,28 @@ def build_server(backend_for: BackendFor, **options: Any) -> FastMCP:
         except ExecboxError as exc:
             raise _tool_error(exc) from None
         return _answer(ClosedOutput(session_id=session_id, closed=True))
+
+    @server.tool(name="session_pause", description=SESSION_PAUSE, annotations=closed_world)
+    async def session_pause(
+        session_id: SessionId, ctx: Context[Any, Any, Any]
+    ) -> Annotated[CallToolResult, SessionOutput]:
+        backend = await backend_for(ctx)
+        try:
+            info = await backend.pause_session(session_id)
+        except ExecboxError as exc:
+            raise _tool_error(exc) from None
+        return _answer(SessionOutput.of(info))
+
+    @server.tool(name="session_resume", description=SESSION_RESUME, annotations=closed_world)
+    async def session_resume(
+        session_id: SessionId, ctx: Context[Any, Any, Any]
+    ) -> Annotated[CallToolResult, SessionOutput]:
+        backend = await backend_for(ctx)
+        try:
+            info = await backend.resume_session(session_id)
+        except ExecboxError as exc:
+            raise _tool_error(exc) from None
+        return _answer(SessionOutput.of(info))
 
     @server.tool(name="session_list", description=SESSION_LIST, annotations=ToolAnnotations(readOnlyHint=True))
     async def session_list(ctx: Context[Any, Any, Any]) -> Annotated[CallToolResult, SessionListOutput]:

@@ -108,6 +108,8 @@ def _sessions(settings: Settings, executor: Executor) -> Sessions:
         idle_timeout_limit=settings.session_idle_timeout_limit,
         max_lifetime_limit=settings.session_max_lifetime_limit,
         reap_interval=settings.session_reap_interval,
+        pause_after=settings.session_pause_after,
+        checkpoint_quota=settings.session_checkpoint_quota,
         data_dir=settings.data_dir,
     )
     # One egress proxy per process: the sessions share the executor's.

@@ -11,6 +11,7 @@ limits and its quotas. Tenants come from a TOML file::
     executions_per_minute = 120
     webhook_secret = "whsec_..."
     isolation = "gvisor"            # forced; or a list of allowed values: ["container", "gvisor"]
+    checkpoint_quota = "1g"         # disk its paused sessions may hold (default: the service's)
 
     [tenants.acme.max_limits]
     timeout = 30
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..egress.policy import NetworkPolicy
 from ..engine.base import Isolation
 from ..exceptions import ConfigurationError, InvalidRequestError
-from ..models import Limits
+from ..models import Limits, Size
 from ..runtimes import RUNTIMES, get_runtime
 from ..state.base import check_id
 
@@ -89,6 +90,12 @@ class TenantPolicy(BaseModel):
         description="One isolation ('gvisor'): every run and session of the tenant gets it, asking for another is"
         " refused; a list: those allowed (a request naming none gets the service's default if allowed, else the"
         " first); None: any.",
+    )
+    checkpoint_quota: Size | None = Field(
+        None,
+        ge=0,
+        description="Disk (bytes, or e.g. '1g') the tenant's paused sessions' checkpoints may hold together;"
+        " None: the service's session_checkpoint_quota.",
     )
     egress: NetworkPolicy | None = Field(
         None,

@@ -81,9 +81,12 @@ class ServiceBackend(McpBackend):
         except ApiError as exc:
             raise _library_error(self.service, exc) from None
 
-    async def create_session(self, language: str, image: str | None, isolation: str | None = None) -> SessionInfo:
+    async def create_session(
+        self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None
+    ) -> SessionInfo:
+        fields = {"user_id": self.user_id, "language": language, "image": image, "isolation": isolation}
         try:
-            body = SessionCreateRequest(user_id=self.user_id, language=language, image=image, isolation=isolation)
+            body = SessionCreateRequest.model_validate({**fields, "pause_after": pause_after})
         except pydantic.ValidationError as exc:
             raise invalid_from(exc) from None
         try:
@@ -115,6 +118,12 @@ class ServiceBackend(McpBackend):
 
     async def list_sessions(self) -> list[SessionInfo]:
         return await self._sessions().list()
+
+    async def pause_session(self, session_id: str) -> SessionInfo:
+        return await self._sessions().pause(session_id)
+
+    async def resume_session(self, session_id: str) -> SessionInfo:
+        return await self._sessions().resume(session_id)
 
 
 def mcp_route(service: ExecutionService, settings: Settings) -> tuple[Route, AbstractAsyncContextManager[Any]]:

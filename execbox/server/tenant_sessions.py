@@ -48,6 +48,8 @@ class TenantSessions:
                 secrets=body.secrets,
                 network_ceiling=tenant.policy.egress,
                 isolation=isolation,
+                pause_after=body.pause_after,
+                checkpoint_quota=tenant.policy.checkpoint_quota,
             )
 
         return await anyio.to_thread.run_sync(create)

@@ -80,7 +80,9 @@ class Sessions(SessionsCalls):
         self._stop = threading.Event()
         self._counts = {"created": 0, "ended": 0}  # by this object, since it was made
         self._init_egress(egress, proxy_host_map)
-        self.reap()  # adopt what lives, remove what the registry does not know
+        # Adopt what lives, remove what the registry does not know. Automatic pauses are the reaper
+        # thread's: a short-lived process (a CLI command) does not pause sessions on its way.
+        self.reap(pause_idle=start_reaper)
         self._reaper: threading.Thread | None = None
         if start_reaper:
             self._reaper = threading.Thread(target=self._reap_loop, name="execbox-session-reaper", daemon=True)
@@ -101,13 +103,18 @@ class Sessions(SessionsCalls):
         secrets: dict[str, Secret] | dict[str, dict[str, Any]] | None = None,
         network_ceiling: NetworkPolicy | None = None,
         isolation: str | None = None,
+        pause_after: float | None = None,
+        checkpoint_quota: int | None = None,
     ) -> SessionInfo:
         """Start a session for ``user_id``; SessionLimitError over a cap.
 
         ``network`` ("none", "proxy", a ``NetworkPolicy`` or its dict) and ``secrets`` are as
         for an execution, for every call of the session; ``network_ceiling`` (a tenant's
         policy) caps the session's policy: a request must be allowed by both. ``isolation`` is
-        ``"container"`` or ``"gvisor"`` (default: ``config.isolation``).
+        ``"container"`` or ``"gvisor"`` (default: ``config.isolation``). ``pause_after``: pause
+        the session to disk after that many seconds unused (gvisor only; default
+        ``config.pause_after`` for gvisor sessions); ``checkpoint_quota``: the bytes the
+        tenant's paused sessions may hold on disk together (default ``config.checkpoint_quota``).
         """
         self._check_open()
         check_id("tenant", tenant)
@@ -129,6 +136,7 @@ class Sessions(SessionsCalls):
             if not 0 < value <= most:
                 raise InvalidRequestError(field, f"must be more than 0 and at most {most:g} seconds")
         iso = self.config.isolation if isolation is None else check_isolation(isolation)
+        pause = self._pause_after(pause_after, iso, idle)
         image_tag = self._resolve_image(image)
         now = time.time()
         rec = Record(
@@ -149,6 +157,8 @@ class Sessions(SessionsCalls):
             token=_secrets.token_urlsafe(24),
             registry=self.registry_id,
             creator=owner_id(),
+            pause_after=pause,
+            checkpoint_quota=cfg.checkpoint_quota if checkpoint_quota is None else checkpoint_quota,
         )
         self._reserve(rec)
         try:
@@ -228,6 +238,19 @@ class Sessions(SessionsCalls):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _pause_after(self, asked: float | None, isolation: str, idle: float) -> float | None:
+        """The session's automatic pause: as asked (checked), else the default for gvisor sessions."""
+        if asked is None:
+            default = self.config.pause_after
+            return default if isolation == "gvisor" and default is not None and default < idle else None
+        if isolation != "gvisor":
+            raise InvalidRequestError(
+                "pause_after", f"only sessions under isolation 'gvisor' can pause (this one would be {isolation!r})"
+            )
+        if not 0 < asked < idle:
+            raise InvalidRequestError("pause_after", f"must be more than 0 and less than idle_timeout ({idle:g} s)")
+        return float(asked)
 
     def _limits(self, limits: Limits | dict[str, Any] | None) -> Limits:
         return resolve_limits(self.config.default_limits, self.config.max_limits, limits)

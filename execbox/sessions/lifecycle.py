@@ -22,13 +22,13 @@ from .models import (
     LOCKS,
     RECORD_KIND,
     REGISTRY_LABEL,
-    RELAY,
     REPL_ARGV,
     SESSION_LABEL,
     TENANT_LABEL,
     Record,
 )
 from .network import SessionsNetwork
+from .relay import RELAY
 
 __all__ = ["SessionsLifecycle"]
 

@@ -18,6 +18,7 @@ from ..models import (
     FileBytes,
     Limits,
     RunResult,
+    Size,
     check_code,
     check_env,
     check_rel_path,
@@ -44,7 +45,6 @@ TENANT_LABEL = "execbox.tenant"
 LOCKS = ":session"  # lock namespace: ':' is never in a tenant or user id, so never a state lock
 ID_RE = re.compile(r"^ses_[0-9a-f]{24}$")
 AGENT = ("python3", "-I", "-S", f"{SANDBOX_DIR}/session_agent.py")
-RELAY = (*AGENT, "--relay")
 REPL_ARGV = {
     "python": ("python3", f"{SANDBOX_DIR}/session_repl.py"),
     "javascript": ("node", f"{SANDBOX_DIR}/session_repl.js"),
@@ -75,6 +75,18 @@ class SessionsConfig(BaseModel):
         1.0, gt=0, description="After a call's timeout interrupts the REPL: how long before it is restarted."
     )
     busy_wait: float = Field(30.0, ge=0, description="Extra wait (beyond its timeout) for a busy session.")
+    pause_after: float | None = Field(
+        None,
+        gt=0,
+        description="Default for gvisor sessions: pause to disk after this many seconds unused (None: never by"
+        " itself).",
+    )
+    checkpoint_quota: Size | None = Field(
+        2 << 30,
+        ge=0,
+        description="Default disk a tenant's paused sessions' checkpoints may hold together, in bytes (None: no"
+        " limit); a tenant's own quota is given at create.",
+    )
     max_code_bytes: int = Field(1 << 20, gt=0)
     uid_base: int = Field(
         200_000, ge=1000, description="First UID of session containers (apart from ephemeral runs' 100000+)."
@@ -118,6 +130,12 @@ class SessionCreateRequest(BaseModel):
         None,
         description="Keep the interpreter between calls (variables, imports); default true for python and"
         " javascript. bash sessions run each call in a fresh bash (files in /work persist either way).",
+    )
+    pause_after: float | None = Field(
+        None,
+        gt=0,
+        description="Pause the session to disk after this many seconds unused (isolation gvisor only; less than"
+        " idle_timeout); its next call resumes it. Default: the service's (off unless configured).",
     )
 
     @field_validator("user_id")
@@ -203,6 +221,10 @@ class SessionInfo(BaseModel):
     max_lifetime: float = Field(description="Seconds after creation at which the session ends whatever happens.")
     calls: int = Field(0, description="Calls made so far.")
     paused: bool = Field(False, description="Paused to disk (gvisor): holds no memory or CPU; a call resumes it.")
+    pause_after: float | None = Field(
+        None, description="Paused by itself after this many seconds unused (None: only when asked)."
+    )
+    checkpoint_bytes: int = Field(0, description="Disk its checkpoint holds while paused (counts against the quota).")
     node: str = Field("", description="The node holding the session (nodes mode: its name; else empty).")
 
 
@@ -261,6 +283,11 @@ class Record(BaseModel):
     container_id: str | None = None
     paused_at: float | None = None  # checkpointed to disk (its container stopped) since then
     resumes: int = 0  # times restored from a checkpoint
+    resumed_at: float | None = None  # last restored then (an automatic pause counts unused time from here too)
+    pause_after: float | None = None  # paused by the reaper after this many seconds unused
+    checkpoint_quota: int | None = None  # the tenant's checkpoint disk quota at creation (None: none)
+    checkpoint_bytes: int = 0  # its checkpoint's size on disk while paused
+    auto_pause_refused: float | None = None  # last_used_at when an automatic pause was refused (not retried)
 
     @property
     def key(self) -> str:
@@ -295,6 +322,8 @@ class Record(BaseModel):
                     "idle_timeout",
                     "max_lifetime",
                     "calls",
+                    "pause_after",
+                    "checkpoint_bytes",
                 }
             ),
             expires_at=self.expires_at(),

@@ -140,8 +140,9 @@ async def execute_in_session(
     response_model=SessionInfo,
     summary="Pause a session to disk (isolation gvisor)",
     description="Its memory (variables, imports) and files are checkpointed and its container stops: it holds"
-    " no memory or CPU until resumed, by `/resume` or by its next call. 409 naming `isolation` for a session"
-    " that is not under gvisor; a running call is waited for.",
+    " no memory or CPU until resumed, by `/resume` or by its next call. A running call is waited for (then 409"
+    " `session_busy`). 409 naming `isolation` for a session that is not under gvisor, or `checkpoint_quota` when"
+    " the tenant's paused sessions would hold more disk than its quota (the session runs on).",
     responses=_RESPONSES,
 )
 async def pause_session(
