@@ -288,6 +288,8 @@ class NodeSessions:
                     secrets=p.get("secrets") or None,
                     network_ceiling=ceiling,
                     isolation=p.get("isolation"),
+                    pause_after=p.get("pause_after"),
+                    checkpoint_quota=p.get("checkpoint_quota"),
                 )
 
             info = await anyio.to_thread.run_sync(create)

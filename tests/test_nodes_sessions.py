@@ -281,7 +281,8 @@ def test_pause_and_resume_go_to_the_node(cluster: Cluster) -> None:
         refused = a.post(f"/v1/sessions/{runc['id']}/pause")
         assert refused.status_code == 409 and refused.json()["error"]["field"] == "isolation", refused.text
         assert a.delete(f"/v1/sessions/{runc['id']}").status_code == 204
-        s = c.create(a, "pauser", isolation="gvisor")
+        s = c.create(a, "pauser", isolation="gvisor", pause_after=300)
+        assert s["pause_after"] == 300, s  # carried to the node that holds it
         try:
             assert a.post(f"/v1/sessions/{s['id']}/execute", json={"code": "x = 41"}).status_code == 200
             paused = a.post(f"/v1/sessions/{s['id']}/pause")

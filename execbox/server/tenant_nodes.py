@@ -52,6 +52,8 @@ class NodeTenantSessions(TenantSessions):
             "max_lifetime": body.max_lifetime,
             "repl": body.repl,
             "isolation": isolation,
+            "pause_after": body.pause_after,
+            "checkpoint_quota": tenant.policy.checkpoint_quota,  # the node counts the tenant's checkpoints
         }
         ceiling = tenant.policy.egress.model_dump_json() if tenant.policy.egress is not None else ""
         max_per_user = service.settings.session_max_per_user
