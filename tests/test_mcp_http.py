@@ -59,6 +59,8 @@ def test_tools_over_http_run_as_the_tenant(engine: Engine, tmp_path: Path) -> No
                 assert (r["stdout"], r["exit_code"]) == ("hi\n", 0)
                 over = await mcp.call_tool("run_code", {"code": "1", "language": "python", "timeout": 60})
                 assert over.isError and "timeout" in text(over)  # above the tenant's maximum (20 s)
+                cobol = await mcp.call_tool("run_code", {"code": "1", "language": "cobol"})
+                assert cobol.isError and "language" in text(cobol)
                 sid: str = ok(await mcp.call_tool("session_create", {"language": "javascript"}))["session_id"]
                 ok(await mcp.call_tool("session_write_files", {"session_id": sid, "files": {"n.txt": "20"}}))
                 code = "globalThis.n = Number(require('fs').readFileSync('n.txt', 'utf8'))"
@@ -82,6 +84,8 @@ def test_tools_over_http_run_as_the_tenant(engine: Engine, tmp_path: Path) -> No
         assert [s["id"] for s in listed] == [sid]
         assert metric(page, 'execbox_executions_total{language="python",outcome="ok"}') == 1
         assert metric(page, "execbox_sessions_live") == 1 and metric(page, "execbox_sessions_created") == 1
+        # Refused input is counted as the API counts it: the timeout over the maximum and the unknown language.
+        assert metric(page, 'execbox_rejections_total{reason="invalid"}') == 2
 
 
 def test_tool_calls_count_against_the_tenants_policy_and_quota(engine: Engine, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ stateless: an API replica keeps nothing an MCP client needs after it dies.
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
 
 import pydantic
@@ -23,7 +24,7 @@ from ..models import ExecutionRequest, ExecutionResult
 from ..sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionResult
 from ..settings import Settings
 from .auth import Tenant
-from .errors import ApiError, invalid_from
+from .errors import ApiError, from_library, invalid_from
 from .middleware import TENANT_SCOPE_KEY
 from .service import ExecutionService
 from .tenant_nodes import tenant_sessions
@@ -34,10 +35,23 @@ __all__ = ["MCP_PATH", "ServiceBackend", "mcp_route"]
 MCP_PATH = "/mcp"
 
 
-def _library_error(service: ExecutionService, exc: ApiError) -> ExecboxError:
-    """An API error as the exception the client would raise; counted as a rejection, as the API counts it."""
-    service.metrics.rejected(exc.reason)
-    return error_from(exc.status, exc.type, exc.message, exc.field, exc.retry_after, exc.node)
+@contextmanager
+def _answered(service: ExecutionService) -> Iterator[None]:
+    """A tool call's refusals as the exceptions the client would raise (the tools name the field),
+    each counted in ``rejections_total`` as the API counts it."""
+    try:
+        yield
+    except pydantic.ValidationError as exc:
+        service.metrics.rejected("invalid")
+        raise invalid_from(exc) from None
+    except ApiError as exc:
+        service.metrics.rejected(exc.reason)
+        raise error_from(exc.status, exc.type, exc.message, exc.field, exc.retry_after, exc.node) from None
+    except ExecboxError as exc:
+        err = from_library(exc)
+        if err.status < 500:
+            service.metrics.rejected(err.reason)
+        raise
 
 
 class ServiceBackend(McpBackend):
@@ -67,32 +81,22 @@ class ServiceBackend(McpBackend):
         fields |= {
             k: v for k, v in {"timeout": timeout, "image": image, "isolation": isolation}.items() if v is not None
         }
-        try:
+        with _answered(self.service):
             request = ExecutionRequest.model_validate(fields)
-        except pydantic.ValidationError as exc:
-            raise invalid_from(exc) from None
-        try:
             prepared = self.service.prepare(self.tenant, request)
             admission = await self.service.admit(self.tenant)
             try:
                 return await self.service.run(self.tenant, prepared)
             finally:
                 admission.release()
-        except ApiError as exc:
-            raise _library_error(self.service, exc) from None
 
     async def create_session(
         self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None
     ) -> SessionInfo:
         fields = {"user_id": self.user_id, "language": language, "image": image, "isolation": isolation}
-        try:
+        with _answered(self.service):
             body = SessionCreateRequest.model_validate({**fields, "pause_after": pause_after})
-        except pydantic.ValidationError as exc:
-            raise invalid_from(exc) from None
-        try:
             return await self._sessions().create(body)
-        except ApiError as exc:
-            raise _library_error(self.service, exc) from None
 
     async def session_call(
         self,
@@ -104,26 +108,25 @@ class ServiceBackend(McpBackend):
         collect: list[str] | None = None,
     ) -> SessionResult:
         fields = {"code": code, "timeout": timeout, "files": files or {}, "collect": collect or []}
-        try:
+        with _answered(self.service):
             body = SessionExecuteRequest.model_validate(fields)
-        except pydantic.ValidationError as exc:
-            raise invalid_from(exc) from None
-        try:
             return await self._sessions().execute(session_id, body)
-        except ApiError as exc:
-            raise _library_error(self.service, exc) from None
 
     async def close_session(self, session_id: str) -> None:
-        await self._sessions().delete(session_id)
+        with _answered(self.service):
+            await self._sessions().delete(session_id)
 
     async def list_sessions(self) -> list[SessionInfo]:
-        return await self._sessions().list()
+        with _answered(self.service):
+            return await self._sessions().list()
 
     async def pause_session(self, session_id: str) -> SessionInfo:
-        return await self._sessions().pause(session_id)
+        with _answered(self.service):
+            return await self._sessions().pause(session_id)
 
     async def resume_session(self, session_id: str) -> SessionInfo:
-        return await self._sessions().resume(session_id)
+        with _answered(self.service):
+            return await self._sessions().resume(session_id)
 
 
 def mcp_route(service: ExecutionService, settings: Settings) -> tuple[Route, AbstractAsyncContextManager[Any]]:
