@@ -40,7 +40,6 @@ OutputCallback = Callable[[str, bytes], None]
 """Called with ("stdout" | "stderr", chunk) as output arrives (within the caps)."""
 
 
-
 class Executor:
     """Runs code in fresh, hardened, single-use containers.
 

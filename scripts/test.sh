@@ -17,6 +17,7 @@ export EXECBOX_TEST_REDIS_URL="redis://127.0.0.1:${REDIS_PORT}/0"
 export EXECBOX_REQUIRE_DOCKER=1
 
 .venv/bin/ruff check execbox tests bench
+.venv/bin/ruff format --check execbox tests bench
 .venv/bin/mypy
 if [ $# -gt 0 ]; then
   exec .venv/bin/pytest -q "$@"

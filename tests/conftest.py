@@ -123,5 +123,3 @@ def vex(engine: Engine, tmp_path: Path) -> Iterator[Executor]:
     vols.expire(0)
     assert list((vols.root / "images").glob("*.ext4")) == []
     assert ours(engine) == []
-
-

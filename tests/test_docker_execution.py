@@ -231,8 +231,7 @@ sys.exit('bye')
     assert r.exit_code == 1 and r.stderr == "bye\n"
     assert r.stdout == "thread done\natexit ran True\nfinalizer\n"
     check = executor.execute(
-        "f = open('/work/o', 'w'); f.write('x' * 5000)\nimport atexit\n"
-        "atexit.register(lambda: None)",
+        "f = open('/work/o', 'w'); f.write('x' * 5000)\nimport atexit\natexit.register(lambda: None)",
         language="python",
     )
     assert check.exit_code == 0

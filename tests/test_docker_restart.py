@@ -45,9 +45,7 @@ def _stop_dockerd() -> None:
 
 def _start_dockerd(engine: Engine) -> None:
     # Detached through a shell that exits at once, as scripts/setup.sh starts it.
-    subprocess.run(
-        ["sh", "-c", "setsid nohup dockerd >>/var/log/execbox-dockerd.log 2>&1 </dev/null &"], check=True
-    )
+    subprocess.run(["sh", "-c", "setsid nohup dockerd >>/var/log/execbox-dockerd.log 2>&1 </dev/null &"], check=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

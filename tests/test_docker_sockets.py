@@ -71,8 +71,6 @@ EXPECTED = {
 }
 
 
-
-
 def expected(isolation: str) -> dict[str, str]:
     """What the probe finds. Inside gVisor every refusal of the seccomp profile is EPERM: its
     runsc (20221219) ignores the profile's errno values (see execbox.seccomp)."""

@@ -23,7 +23,13 @@ def test_local_and_bad_urls() -> None:
 
 @pytest.mark.docker
 def test_docker_urls_reach_the_same_engine(engine: object) -> None:
-    for url in (None, "docker:", "unix:///var/run/docker.sock", "/var/run/docker.sock", "docker:unix:///var/run/docker.sock"):
+    for url in (
+        None,
+        "docker:",
+        "unix:///var/run/docker.sock",
+        "/var/run/docker.sock",
+        "docker:unix:///var/run/docker.sock",
+    ):
         eng = open_engine(url)
         try:
             eng.ping()

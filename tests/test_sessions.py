@@ -38,8 +38,6 @@ from tests.support import eventually
 pytestmark = pytest.mark.docker
 
 
-
-
 # -- helpers (also used by test_sessions_api.py and test_sessions_restart.py) -------------------------
 
 

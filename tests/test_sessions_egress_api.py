@@ -43,8 +43,7 @@ allow = ["{PLAIN_HOST}"]
 """
 )
 CALL = (
-    FETCH
-    + "print(json.dumps([get('http://plain.example.test/p', {'Authorization': 'Bearer ' + os.environ['K']})[0],"
+    FETCH + "print(json.dumps([get('http://plain.example.test/p', {'Authorization': 'Bearer ' + os.environ['K']})[0],"
     " get('http://other.example.test/o')[0]]))"
 )
 

@@ -62,7 +62,7 @@ def _while_racing(ex: Executor, user: str, argv: list[str], seconds: float, duri
 
     def race() -> None:
         out["r"] = ex.execute(
-            "cd /data && python3 -c \"$RACER\" " + " ".join(argv) + f" {seconds}",
+            'cd /data && python3 -c "$RACER" ' + " ".join(argv) + f" {seconds}",
             language="bash",
             env={"RACER": RACER},
             user_id=user,

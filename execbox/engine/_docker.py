@@ -23,6 +23,7 @@ __all__ = ["DockerChannel", "patch_unix_connect", "translate"]
 
 _HEADER = struct.Struct(">BxxxI")
 
+
 def _connect_closing_on_failure(self: Any) -> None:
     # docker-py's UnixHTTPConnection.connect leaks its socket when the connect fails
     # (dockerd down or restarting): every retry would leave an open fd behind.

@@ -1,9 +1,9 @@
 """State helpers for programs run by execbox (Python).
 
-    from execbox_state import load_state, save_state
-    state = load_state({"counter": 0})
-    state["counter"] += 1
-    save_state(state)          # prints OUTPUT_STATE:<json>; the last one wins
+from execbox_state import load_state, save_state
+state = load_state({"counter": 0})
+state["counter"] += 1
+save_state(state)          # prints OUTPUT_STATE:<json>; the last one wins
 """
 
 import json

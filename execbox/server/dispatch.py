@@ -123,9 +123,7 @@ class Dispatcher:
                 last = await receive(None)
                 if last is not None:
                     return self._answer(last, holder)
-                raise ApiError(
-                    503, "node_lost", f"node {holder} was lost while running this execution", retry_after=2
-                )
+                raise ApiError(503, "node_lost", f"node {holder} was lost while running this execution", retry_after=2)
 
     @staticmethod
     def _answer(answer: dict[str, Any], holder: str | None) -> ExecutionResult:

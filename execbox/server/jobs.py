@@ -50,7 +50,6 @@ SecretOf = Callable[[str], str | None]
 SHUTDOWN_ERROR = ErrorBody(type="shutting_down", message="the server shut down before the execution ran")
 
 
-
 async def drain(pending: set[asyncio.Task[Any]], grace: float, what: str) -> None:
     """Let ``pending`` finish within ``grace`` seconds; cancel what is left (and give it 5 s to go)."""
     if not pending:
@@ -61,6 +60,7 @@ async def drain(pending: set[asyncio.Task[Any]], grace: float, what: str) -> Non
         task.cancel()
     if still:
         await asyncio.wait(still, timeout=5)
+
 
 class JobLimit(Exception):
     """A job was refused: ``pending_jobs`` (the tenant's unfinished jobs) or ``jobs_full`` (all jobs)."""

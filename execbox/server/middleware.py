@@ -100,9 +100,7 @@ class Guard:
                     return
         await self.app(scope, receive, send)
 
-    async def _read_body(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]
-    ) -> bytes | None:
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> bytes | None:
         too_large = ApiError(
             413,
             "payload_too_large",

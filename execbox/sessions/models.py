@@ -53,7 +53,6 @@ LABEL_GRACE = 600.0  # the containers' expiry label: max lifetime plus this
 RESTART_SLACK = 10.0  # a call's host deadline beyond timeout + grace (the agent restarts a worker)
 
 
-
 class SessionsConfig(BaseModel):
     """How ``Sessions`` makes and bounds sessions."""
 
@@ -110,8 +109,9 @@ class SessionCreateRequest(BaseModel):
     language: str = Field("python", description="python, javascript or bash (aliases: py, js, node, sh).")
     image: str | None = Field(None, description="Sandbox image or package image name; default: the service's.")
     isolation: Isolation | None = Field(
-        None, description="container (runc) or gvisor (gVisor's kernel between the code and the host's); default:"
-        " the service's."
+        None,
+        description="container (runc) or gvisor (gVisor's kernel between the code and the host's); default:"
+        " the service's.",
     )
     limits: Limits | None = Field(None, description="Limits of the session's container; timeout is per call.")
     network: NetworkPolicy | None = Field(

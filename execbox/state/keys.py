@@ -44,6 +44,7 @@ def pending_key(tenant: str | None) -> str:
     """Unfinished jobs of one tenant, or of every tenant (None)."""
     return f"{PENDING}{tenant}" if tenant is not None else f"{PENDING}*all"
 
+
 NODE = PREFIX + "node:"  # string JSON: a node's status (ready sandboxes, running), TTL = node ttl (its liveness)
 RUN = PREFIX + "run:"  # string: the node that took a dispatched run, TTL = the run's deadline + a minute
 REPLY = PREFIX + "reply:"  # list: a dispatched run's answer (one JSON item), TTL = a minute
@@ -60,11 +61,13 @@ def run_key(run_id: str) -> str:
 def reply_key(run_id: str) -> str:
     return f"{REPLY}{run_id}"
 
+
 OUTPUT = PREFIX + "out:"  # stream: a streamed run's output chunks, then its answer; TTL = its deadline + a minute
 
 
 def output_key(run_id: str) -> str:
     return f"{OUTPUT}{run_id}"
+
 
 SESSION_NODE = PREFIX + "sesnode:"  # JSON {node, tenant, user_id, info}: a session a node holds, TTL = life + grace
 SESSION_INDEX = PREFIX + "sesidx:"  # sorted set of a tenant's node-held session ids (score: expiry), TTL refreshed

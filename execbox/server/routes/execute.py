@@ -106,4 +106,3 @@ async def execute_seed(body: SeedRequest, tenant: TenantDep, service: ServiceDep
     finally:
         admission.release()
     return SeedResponse(**result.model_dump(), output=result.stdout)
-
