@@ -82,6 +82,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_url: str, engine: En
     r.flushdb()
     # A per-user cap of 2 on the API, 3 (the default) on the nodes: a third session is refused by the API's count.
     env = {"EXECBOX_QUEUE_URL": url, "EXECBOX_SESSIONS": "true", "EXECBOX_SESSION_MAX_PER_USER": "2"}
+    # The API needs no engine of its own with nodes: give it none that answers.
+    env["EXECBOX_ENGINE_URL"] = f"unix://{tmp}/no-engine.sock"
     api = ServeProcess(tmp, "api", write_tenants(tmp), **env)
     nodes = {name: NodeProcess(tmp, name, url) for name in ("node-a", "node-b")}
     c = Cluster(api, nodes, r, tmp, url)

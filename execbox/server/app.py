@@ -153,6 +153,10 @@ def create_app(
                 volume_max_idle=settings.volume_max_idle,
             )
             store = open_store(settings.state_store())  # the embedded default: SQLite under the data directory
+        if own and settings.queue_url:
+            # Nodes run everything: this process checks and dispatches, and needs no engine of its own.
+            service.config, service.state_store = config, store
+        elif own:
             service.executor = await anyio.to_thread.run_sync(
                 lambda: Executor(
                     settings.engine_url,

@@ -16,14 +16,17 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ..config import ExecutorConfig
 from ..egress import NetworkPolicy
 from ..engine.base import Isolation
 from ..exceptions import ExecboxError, InvalidRequestError
 from ..executor import Executor, OutputCallback
+from ..images import default_image
 from ..models import ExecutionRequest, ExecutionResult, Limits, resolve_limits
 from ..runtimes import Runtime, get_runtime
 from ..sessions import Sessions
 from ..settings import Settings
+from ..state.base import StateStore
 from .auth import Tenant
 from .dispatch import Dispatcher
 from .dispatch_sessions import SessionDispatcher
@@ -60,6 +63,10 @@ class ExecutionService:
         self.settings = settings
         self.metrics = metrics
         self.executor: Executor | None = None
+        # Nodes mode: no executor here (the nodes run everything, and this host may have no engine);
+        # requests are checked against this configuration, state read from this store.
+        self.config: ExecutorConfig | None = None
+        self.state_store: StateStore | None = None
         self.sessions: Sessions | None = None  # set at start-up unless settings.sessions is off
         self.gate = Gate(settings.max_concurrent, settings.max_queue)
         self.quotas = TenantQuotas()
@@ -137,6 +144,26 @@ class ExecutionService:
             raise ApiError(503, "starting", "the service is starting", retry_after=1)
         return self.executor
 
+    @property
+    def defaults(self) -> ExecutorConfig:
+        """What requests are checked against: the executor's configuration, or (nodes mode) the service's."""
+        if self.executor is not None:
+            return self.executor.config
+        if self.config is None:
+            raise ApiError(503, "starting", "the service is starting", retry_after=1)
+        return self.config
+
+    @property
+    def default_image(self) -> str:
+        if self.executor is not None:
+            return self.executor.image
+        return self.defaults.image or default_image()
+
+    @property
+    def store(self) -> StateStore | None:
+        """Where users' state is kept (the executor's store, or in nodes mode the service's own)."""
+        return self.executor.state_store if self.executor is not None else self.state_store
+
     def _pool_stat(self, field: str) -> float:
         stats = self.executor.pool_stats() if self.executor is not None else None
         return float(getattr(stats, field)) if stats is not None else 0.0
@@ -168,7 +195,7 @@ class ExecutionService:
 
     def isolation(self, tenant: Tenant, requested: Isolation | None) -> Isolation:
         """The isolation the tenant's request runs under; 403 naming ``isolation`` if it may not use it."""
-        isolation = tenant.isolation_for(requested, self.ex.config.isolation)
+        isolation = tenant.isolation_for(requested, self.defaults.isolation)
         if isolation is None:
             raise ApiError(403, "forbidden", f"this tenant may not use isolation {requested!r}", field="isolation")
         return isolation
@@ -178,7 +205,7 @@ class ExecutionService:
         runtime = get_runtime(language)
         if runtime.name not in tenant.policy.languages:
             raise ApiError(403, "forbidden", f"this tenant may not use {runtime.name}", field="language")
-        if image is not None and not tenant.image_allowed(image, self.ex.image):
+        if image is not None and not tenant.image_allowed(image, self.default_image):
             raise ApiError(403, "forbidden", "this tenant may not use this image", field="image")
         if network is not None and network.mode != "none" and not tenant.policy.network:
             raise ApiError(403, "forbidden", "this tenant may not use the network", field="network.mode")
@@ -186,7 +213,7 @@ class ExecutionService:
 
     def resolve_limits(self, tenant: Tenant, request: ExecutionRequest) -> Limits:
         """Defaults (capped at the tenant's maximum), then the request's values, checked against that maximum."""
-        cap, defaults = tenant.max_limits, self.ex.config.default_limits
+        cap, defaults = tenant.max_limits, self.defaults.default_limits
         base = Limits(**{k: min(getattr(defaults, k), getattr(cap, k)) for k in Limits.model_fields})
         limits = resolve_limits(base, cap, request.limits, request.timeout, whose="this tenant's maximum")
         # Every field explicitly set, so that the executor's own defaults do not apply again.
@@ -234,12 +261,13 @@ class ExecutionService:
 
         The tenant's name namespaces everything the run may store (state of ``user_id``, volumes).
         """
-        executor = self.ex
+        executor = self.ex if self.dispatcher is None else None
         self.metrics.started()
         started = time.monotonic()
         outcome = "failed"
         try:
-            if self.dispatcher is not None:  # on a node; its output streamed through Redis when asked
+            if executor is None:  # on a node; its output streamed through Redis when asked
+                assert self.dispatcher is not None
                 result = await self.dispatcher.run(tenant.name, request, tenant.policy.egress, on_output)
             else:
                 call = functools.partial(

@@ -35,7 +35,7 @@ class VolumeImported(BaseModel):
 
 
 def _store(service: Any) -> Any:
-    store = service.ex.state_store
+    store = service.store
     if store is None:
         raise ApiError(422, "invalid_request", "this server has no state store", field="user_id", reason="invalid")
     return store
