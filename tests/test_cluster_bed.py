@@ -97,7 +97,9 @@ def cluster(bed: list[str], tmp_path: Path, bed_redis: str, bed_upstream: Upstre
     url = bed_redis
     r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
-    api = ServeProcess(tmp_path, "api", write_tenants(tmp_path, TENANTS), EXECBOX_QUEUE_URL=url)
+    env = {"EXECBOX_QUEUE_URL": url, "EXECBOX_SESSIONS": "true", "EXECBOX_SESSION_MAX_PER_USER": "8"}
+    env["EXECBOX_ENGINE_URL"] = f"unix://{tmp_path}/no-engine.sock"  # the API needs none: the nodes hold them
+    api = ServeProcess(tmp_path, "api", write_tenants(tmp_path, TENANTS), **env)
     host_map = json.dumps({BED_HOST: f"{HUB_ADDRESS}:{bed_upstream.port}"})
     nodes = [
         NodeProcess(
@@ -210,6 +212,31 @@ def test_egress_through_every_node(cluster: Any, bed_upstream: Upstream) -> None
         assert [e["decision"] for e in body["network_log"]] == ["allowed"], body["network_log"]
     assert {b["node"] for b in bodies} == {"n1", "n2", "n3"}, Counter(b["node"] for b in bodies)
     assert len(bed_upstream.hits) >= 15
+
+
+def test_sessions_live_on_the_nodes_and_every_call_goes_to_its_node(cluster: Any) -> None:
+    """Sessions made through the API land on the three engines (each node in its namespace);
+    every call of a session is answered by the node that holds it, its variables intact."""
+    api, _ = cluster
+    with httpx.Client(base_url=api.url, headers=AUTH, trust_env=False, timeout=120) as c:
+        made = []
+        for i in range(6):
+            r = c.post("/v1/sessions", json={"user_id": f"u{i % 2}", "language": "python"})
+            assert r.status_code == 201, r.text
+            made.append(r.json())
+        try:
+            for i, s in enumerate(made):
+                assert c.post(f"/v1/sessions/{s['id']}/execute", json={"code": f"x = {i}"}).json()["node"] == s["node"]
+            for i, s in enumerate(made):
+                r = c.post(f"/v1/sessions/{s['id']}/execute", json={"code": "print(x * 10)"})
+                assert r.status_code == 200 and r.json()["stdout"] == f"{i * 10}\n", r.text
+                assert r.json()["node"] == s["node"]
+            listed = {s["id"]: s["node"] for s in c.get("/v1/sessions").json()["sessions"]}
+            assert listed == {s["id"]: s["node"] for s in made}
+            assert len({s["node"] for s in made}) >= 2, made  # pulled by free slots: spread, not all on one
+        finally:
+            for s in made:
+                assert c.delete(f"/v1/sessions/{s['id']}").status_code == 204
 
 
 def test_an_engine_killed_mid_burst(cluster: Any, bed: list[str]) -> None:
