@@ -1,7 +1,8 @@
 """What dispatching runs to nodes costs: one API replica in-process vs the same API with runs on
 `execbox node` workers over Redis, side by side; and how runs spread over the nodes.
 
-    .venv/bin/python bench/cluster.py [--runs 40] [--nodes 2] [--sessions 5] [--redis redis://127.0.0.1:6399/7]
+    .venv/bin/python bench/cluster.py [--runs 40] [--nodes 2] [--sessions 5] [--throughput 120]
+                                      [--redis redis://127.0.0.1:6399/7]
 
 Real processes on this machine: `execbox serve` (in-process runs), `execbox serve --queue-url`
 and N `execbox node` on the same Docker Engine, one Redis. Each call is paced: the warm pools
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,12 +99,44 @@ def sessions(c: httpx.Client, url: str, n: int, name: str) -> None:
     )
 
 
+def throughput(url: str, clients: int, total: int, seconds: float) -> tuple[float, int, int]:
+    """``total`` executions from ``clients`` threads (or ``seconds``, whichever first): (runs/s, ok, other)."""
+    lock = threading.Lock()
+    counts = {"issued": 0, "ok": 0, "other": 0}
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        with httpx.Client(trust_env=False, timeout=60) as c:
+            while time.monotonic() < deadline:
+                with lock:
+                    if counts["issued"] >= total:
+                        return
+                    counts["issued"] += 1
+                try:
+                    ok = c.post(f"{url}/v1/execute", json=CODE).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    counts["ok" if ok else "other"] += 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts["ok"] / (time.perf_counter() - started), counts["ok"], counts["other"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--sessions", type=int, default=0, help="also time N sessions (create, 10 calls, delete)")
     p.add_argument("--redis", default="redis://127.0.0.1:6399/7")
+    p.add_argument(
+        "--throughput", type=int, default=0, help="also N executions from 8 clients, at every node count down to 1"
+    )
     args = p.parse_args()
     runs, n_nodes = min(args.runs, 500), min(args.nodes, 4)
     r = redis.Redis.from_url(args.redis)
@@ -191,6 +225,23 @@ def main() -> int:
             with httpx.Client(trust_env=False, timeout=60) as c:
                 for name, url in (("single host", single_url), ("on nodes", cluster_url)):
                     sessions(c, url, min(args.sessions, 10), name)
+        if args.throughput:
+            total = min(args.throughput, 1000)
+            print(f"throughput, {total} executions from 8 clients (at most 60 s each):")
+            rate, ok, other = throughput(single_url, 8, total, 60)
+            label = "single host (runs in the API):"
+            print(f"  {label:<31}{rate:6.1f} executions/s ({ok} ok, {other} refused or failed)")
+            node_procs = procs[2:]
+            for live in range(n_nodes, 0, -1):
+                rate, ok, other = throughput(cluster_url, 8, total, 60)
+                label = f"{live} node(s):"
+                print(f"  {label:<31}{rate:6.1f} executions/s ({ok} ok, {other} refused or failed)")
+                if live > 1:  # one node fewer: stopped, and gone from the live set
+                    gone = node_procs[live - 1]
+                    gone.send_signal(signal.SIGTERM)
+                    gone.wait(60)
+                    while len(r.keys("execbox:node:*")) > live - 1:
+                        time.sleep(0.1)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
