@@ -49,7 +49,7 @@ from .models import Limits
 from .node_stream import OutputPump
 from .node_volumes import VOLUME_OPS, NodeVolumes
 from .queue import Entry, StreamQueue
-from .sessions import SessionExecuteRequest, SessionInfo, Sessions, SessionsConfig
+from .sessions import SessionExecuteRequest, SessionInfo, Sessions
 from .sessions.models import LABEL_GRACE
 from .state.keys import (
     node_sessions_key,
@@ -417,22 +417,8 @@ class NodeSessions:
 def node_sessions(settings: Settings, executor: Executor) -> Sessions:
     """A node's ``Sessions``: the executor's engine, image, limits and egress; its registry its own
     (``session_store_url``, else SQLite under the node's data dir: never shared with other nodes)."""
-    from .state import open_store
+    from .sessions.setup import sessions_beside
 
-    config = SessionsConfig(
-        image=executor.image,
-        isolation=executor.config.isolation,
-        default_limits=executor.config.default_limits,
-        max_limits=executor.config.max_limits,
-        max_code_bytes=settings.max_code_bytes,
-        max_per_user=settings.session_max_per_user,
-        max_total=settings.session_max_total,
-        idle_timeout=settings.session_idle_timeout,
-        max_lifetime=settings.session_max_lifetime,
-        idle_timeout_limit=settings.session_idle_timeout_limit,
-        max_lifetime_limit=settings.session_max_lifetime_limit,
-        reap_interval=settings.session_reap_interval,
-        data_dir=settings.data_dir,
+    return sessions_beside(
+        settings, executor, settings.session_store_url or f"sqlite:///{settings.data_dir}/sessions.db"
     )
-    url = settings.session_store_url or f"sqlite:///{settings.data_dir}/sessions.db"
-    return Sessions(executor.engine, open_store(url), config, own_store=True, egress=executor.egress)

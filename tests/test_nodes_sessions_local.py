@@ -141,3 +141,30 @@ def test_a_node_gone_makes_its_sessions_410_and_a_restart_brings_them_back(clust
         assert {i.node for i in infos} <= set(nodes)
 
     cluster(body)
+
+
+def test_a_nodes_sessions_take_the_services_session_settings(tmp_path: Path) -> None:
+    """One recipe for the API's and a node's ``Sessions``: the settings' defaults apply on nodes too."""
+    from execbox.node_sessions import node_sessions
+    from execbox.settings import Settings
+
+    settings = Settings(
+        data_dir=str(tmp_path),
+        session_pause_after=120,
+        session_checkpoint_quota=1 << 20,
+        session_idle_timeout=300,
+        session_max_per_user=5,
+    )
+    engine = LocalEngine()
+    ex = Executor(engine=engine, pool=False, data_dir=str(tmp_path), sweep_on_start=False)
+    try:
+        sessions = node_sessions(settings, ex)
+        try:
+            cfg = sessions.config
+            assert (cfg.pause_after, cfg.checkpoint_quota, cfg.idle_timeout, cfg.max_per_user) == (120, 1 << 20, 300, 5)
+            assert (cfg.image, cfg.default_limits) == (ex.image, ex.config.default_limits)
+        finally:
+            sessions.close()
+    finally:
+        ex.close()
+        engine.close()

@@ -22,7 +22,8 @@ from ..egress import EgressSettings
 from ..exceptions import ConfigurationError
 from ..executor import Executor
 from ..models import DEFAULT_MAX_LIMITS
-from ..sessions import Sessions, SessionsConfig
+from ..sessions import Sessions
+from ..sessions.setup import sessions_beside
 from ..settings import Settings
 from ..state import open_store
 from .auth import Authenticator
@@ -94,26 +95,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _sessions(settings: Settings, executor: Executor) -> Sessions:
     """Sessions over the executor's engine, image, limits and egress; the registry in the session store."""
-    url = settings.session_store()
-    config = SessionsConfig(
-        image=executor.image,
-        isolation=executor.config.isolation,
-        default_limits=executor.config.default_limits,
-        max_limits=executor.config.max_limits,
-        max_code_bytes=settings.max_code_bytes,
-        max_per_user=settings.session_max_per_user,
-        max_total=settings.session_max_total,
-        idle_timeout=settings.session_idle_timeout,
-        max_lifetime=settings.session_max_lifetime,
-        idle_timeout_limit=settings.session_idle_timeout_limit,
-        max_lifetime_limit=settings.session_max_lifetime_limit,
-        reap_interval=settings.session_reap_interval,
-        pause_after=settings.session_pause_after,
-        checkpoint_quota=settings.session_checkpoint_quota,
-        data_dir=settings.data_dir,
-    )
-    # One egress proxy per process: the sessions share the executor's.
-    return Sessions(executor.engine, open_store(url), config, own_store=True, egress=executor.egress)
+    return sessions_beside(settings, executor, settings.session_store())
 
 
 def create_app(
