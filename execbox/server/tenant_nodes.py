@@ -9,7 +9,6 @@ service's own ``Sessions``.
 from __future__ import annotations
 
 from ..executor import OutputCallback
-from ..models import ExecutionRequest
 from ..sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionResult, Sessions
 from .auth import Tenant
 from .dispatch_sessions import SessionDispatcher
@@ -37,10 +36,7 @@ class NodeTenantSessions(TenantSessions):
 
     async def create(self, body: SessionCreateRequest) -> SessionInfo:
         tenant, service = self.tenant, self.service
-        runtime = service.permit(tenant, body.language, body.image, body.network)
-        request = ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None)
-        limits = service.resolve_limits(tenant, request)
-        isolation = service.isolation(tenant, body.isolation)
+        runtime, limits, isolation = self.checked(body)
         payload = {
             "user_id": body.user_id,
             "language": runtime.name,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import anyio.to_thread
 
+from ..engine.base import Isolation
 from ..exceptions import InvalidRequestError
 from ..executor import OutputCallback
-from ..models import ExecutionRequest
+from ..models import ExecutionRequest, Limits
+from ..runtimes import Runtime
 from ..sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, SessionResult, Sessions
 from .auth import Tenant
 from .errors import ApiError
@@ -26,13 +28,17 @@ class TenantSessions:
     def __init__(self, service: ExecutionService, sessions: Sessions, tenant: Tenant) -> None:
         self.service, self.sessions, self.tenant = service, sessions, tenant
 
-    async def create(self, body: SessionCreateRequest) -> SessionInfo:
+    def checked(self, body: SessionCreateRequest) -> tuple[Runtime, Limits, Isolation]:
+        """The tenant's policy applied to a creation: its runtime, its limits (the service's defaults
+        capped at the tenant's maximum, then the request's, checked against it), its isolation."""
         tenant, service = self.tenant, self.service
         runtime = service.permit(tenant, body.language, body.image, body.network)
-        # The service's defaults capped at the tenant's maximum, then the request's (checked against it).
         request = ExecutionRequest.model_construct(code="", limits=body.limits, timeout=None)
-        limits = service.resolve_limits(tenant, request)
-        isolation = service.isolation(tenant, body.isolation)
+        return runtime, service.resolve_limits(tenant, request), service.isolation(tenant, body.isolation)
+
+    async def create(self, body: SessionCreateRequest) -> SessionInfo:
+        tenant = self.tenant
+        runtime, limits, isolation = self.checked(body)
 
         def create() -> SessionInfo:
             return self.sessions.create(
