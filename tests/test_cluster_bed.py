@@ -239,6 +239,27 @@ def test_sessions_live_on_the_nodes_and_every_call_goes_to_its_node(cluster: Any
                 assert c.delete(f"/v1/sessions/{s['id']}").status_code == 204
 
 
+def test_a_session_with_egress_on_a_node(cluster: Any, bed_upstream: Upstream) -> None:
+    """A session's egress goes through its node's proxy, in that node's namespace, call after call."""
+    api, _ = cluster
+    fetch = f"import urllib.request\nprint(urllib.request.urlopen('http://{BED_HOST}/s', timeout=10).status)"
+    with httpx.Client(base_url=api.url, headers=AUTH, trust_env=False, timeout=120) as c:
+        body = {"user_id": "egress", "language": "python", "network": {"mode": "proxy", "allow": [BED_HOST]}}
+        r = c.post("/v1/sessions", json=body)
+        assert r.status_code == 201, r.text
+        s = r.json()
+        try:
+            before = len(bed_upstream.hits)
+            for _ in range(2):
+                r = c.post(f"/v1/sessions/{s['id']}/execute", json={"code": fetch})
+                out = r.json()
+                assert r.status_code == 200 and out["stdout"] == "200\n", r.text
+                assert out["node"] == s["node"] and [e["decision"] for e in out["network_log"]] == ["allowed"]
+            assert len(bed_upstream.hits) == before + 2
+        finally:
+            assert c.delete(f"/v1/sessions/{s['id']}").status_code == 204
+
+
 def test_an_engine_killed_mid_burst(cluster: Any, bed: list[str]) -> None:
     """Last in this module: the engine it kills stays dead."""
     api, nodes = cluster
