@@ -83,12 +83,7 @@ class ServiceBackend(McpBackend):
         }
         with _answered(self.service):
             request = ExecutionRequest.model_validate(fields)
-            prepared = self.service.prepare(self.tenant, request)
-            admission = await self.service.admit(self.tenant)
-            try:
-                return await self.service.run(self.tenant, prepared)
-            finally:
-                admission.release()
+            return await self.service.execute(self.tenant, request)
 
     async def create_session(
         self, language: str, image: str | None, isolation: str | None = None, pause_after: float | None = None

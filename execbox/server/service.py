@@ -280,6 +280,16 @@ class ExecutionService:
         finally:
             self.metrics.finished(request.language, outcome, time.monotonic() - started)
 
+    async def execute(self, tenant: Tenant, request: ExecutionRequest) -> ExecutionResult:
+        """One execution as the API answers it: checked against the tenant's policy, admitted (or
+        refused: 429/503), run, and its slots released."""
+        prepared = self.prepare(tenant, request)
+        admission = await self.admit(tenant)
+        try:
+            return await self.run(tenant, prepared)
+        finally:
+            admission.release()
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in the background; shutdown waits for it."""
         task = asyncio.get_running_loop().create_task(coro)

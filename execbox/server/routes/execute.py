@@ -42,14 +42,11 @@ async def execute(
     service: ServiceDep,
     stream: Annotated[bool, Query(description="Stream server-sent events (as Accept: text/event-stream).")] = False,
 ) -> Any:
-    prepared = service.prepare(tenant, body)
-    admission = await service.admit(tenant)
     if wants_stream(stream, request.headers.get("accept")):
+        prepared = service.prepare(tenant, body)
+        admission = await service.admit(tenant)
         return stream_events(service, lambda on_output: service.run(tenant, prepared, on_output), admission.release)
-    try:
-        result = await service.run(tenant, prepared)
-    finally:
-        admission.release()
+    result = await service.execute(tenant, body)
     # Serialized once, here: returned as a model, FastAPI would validate it again against
     # the response model and encode it twice (the schema in the docs is the same).
     return Response(result.model_dump_json(), media_type="application/json")
@@ -71,12 +68,7 @@ async def execute_plain(
     except (ValueError, pydantic.ValidationError):
         return False
     try:
-        prepared = service.prepare(tenant, body)
-        admission = await service.admit(tenant)
-        try:
-            result = await service.run(tenant, prepared)
-        finally:
-            admission.release()
+        result = await service.execute(tenant, body)
     except (ApiError, ExecboxError) as exc:
         await answer_error(exc, service.metrics.rejected)(scope, receive, send)
         return True
@@ -99,10 +91,5 @@ async def execute_seed(body: SeedRequest, tenant: TenantDep, service: ServiceDep
         request = ExecutionRequest(code=body.code, env=body.env, language=body.language)
     except pydantic.ValidationError as exc:  # the same checks as /v1/execute
         raise invalid_from(exc) from None
-    prepared = service.prepare(tenant, request)
-    admission = await service.admit(tenant)
-    try:
-        result = await service.run(tenant, prepared)
-    finally:
-        admission.release()
+    result = await service.execute(tenant, request)
     return SeedResponse(**result.model_dump(), output=result.stdout)
