@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pydantic
 
+from .client_lane import Lane, LaneError
 from .client_sessions import AsyncSessionsMixin, SessionsMixin
 from .exceptions import (
     AuthenticationError,
@@ -199,8 +200,11 @@ class Client(SessionsMixin, _Base):
         self._http = httpx.Client(
             base_url=self.base_url, headers=self.headers, transport=transport, trust_env=trust_env
         )
+        self._lane = Lane.for_client(self.base_url, self.headers, transport, trust_env)
 
     def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -210,10 +214,17 @@ class Client(SessionsMixin, _Base):
         self.close()
 
     def _send(self, method: str, path: str, read: float | None, **kw: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, timeout=self._timeout(read), **kw)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc) from exc
+        response = None
+        if self._lane is not None and kw.keys() <= {"json", "params"}:
+            try:
+                response = self._lane.request(method, path, read, kw.get("json"), kw.get("params"))
+            except LaneError as exc:
+                raise ServiceError(f"cannot reach the execbox service: {exc}") from exc
+        if response is None:
+            try:
+                response = self._http.request(method, path, timeout=self._timeout(read), **kw)
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc) from exc
         raise_for_response(response)
         return response
 

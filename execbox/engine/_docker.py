@@ -72,9 +72,7 @@ class DockerChannel(Channel):
         self._sock.sendall(data)
 
     def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
+        remaining = max(deadline - time.monotonic(), 0.0)  # 0: only what has arrived
         ready, _, _ = select.select([self._sock], [], [], remaining)
         if not ready:
             raise TimeoutError
@@ -95,6 +93,10 @@ class DockerChannel(Channel):
             if self._eof:
                 return None
             self._fill(deadline)
+
+    def fileno(self) -> int | None:
+        # Readable with bytes buffered here too: recv(0) is called before waiting on it.
+        return self._sock.fileno()
 
     def alive(self) -> bool:
         if self._eof:
