@@ -9,7 +9,6 @@ host bounds every frame, every byte kept and every wait.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -56,24 +55,19 @@ class AgentLink:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            yield from self._frames_of(self._recv(remaining))
-
-    def _recv(self, timeout: float) -> tuple[int, bytes] | None:
-        try:
-            return self.channel.recv(timeout)
-        except TimeoutError:  # an OSError too, but not the end of the stream
-            raise
-        except OSError as exc:
-            raise LinkEnded(str(exc)) from exc
-
-    def _frames_of(self, item: tuple[int, bytes] | None) -> Iterator[tuple[bytes, bytes]]:
-        if item is None:
-            raise LinkEnded("the agent's stream ended")
-        stream, data = item
-        if stream == STDERR:
-            self.agent_stderr += data[: max(_AGENT_STDERR_CAP - len(self.agent_stderr), 0)]
-            return iter(())
-        return self.decoder.feed(data)
+            try:
+                item = self.channel.recv(remaining)
+            except TimeoutError:  # an OSError too, but not the end of the stream
+                raise
+            except OSError as exc:
+                raise LinkEnded(str(exc)) from exc
+            if item is None:
+                raise LinkEnded("the agent's stream ended")
+            stream, data = item
+            if stream == STDERR:
+                self.agent_stderr += data[: max(_AGENT_STDERR_CAP - len(self.agent_stderr), 0)]
+                continue
+            yield from self.decoder.feed(data)
 
     def await_ready(self, deadline: float) -> None:
         """Wait for the agent's ``K`` (its runtime is started); SandboxError for anything else."""
@@ -99,69 +93,25 @@ class AgentLink:
         """Read one call's output into ``call`` until its ``R`` frame; return the agent's result."""
         self.decoder.max_frame = max(call.cap, 1 << 16) + (1 << 16)
         for kind, body in self.frames(deadline):
-            meta = _take(kind, body, call)
-            if meta is not None:
+            if kind == b"O":
+                call.stdout.add(body)
+            elif kind == b"E":
+                call.stderr.add(body)
+            elif kind == b"F":
+                call.files.add(body)
+            elif kind == b"R":
+                meta: dict[str, Any] = json.loads(body)
+                call.meta = meta
                 return meta
+            elif kind == b"X":
+                raise AgentError(f"agent failed: {body.decode('utf-8', 'replace')}")
         raise AssertionError("unreachable")
-
-    async def read_call_async(self, deadline: float, call: CallOutput, fd: int) -> dict[str, Any]:
-        """``read_call`` on an event loop: frames are read when ``fd`` (the channel's) is
-        readable, only what has arrived, so that neither a thread nor the loop waits."""
-        self.decoder.max_frame = max(call.cap, 1 << 16) + (1 << 16)
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-        def read_arrived() -> None:
-            try:
-                while not answer.done():
-                    try:
-                        item = self._recv(0)
-                    except TimeoutError:  # nothing more has arrived
-                        return
-                    for kind, body in self._frames_of(item):
-                        meta = _take(kind, body, call)
-                        if meta is not None:
-                            answer.set_result(meta)
-                            return
-            except Exception as exc:
-                if not answer.done():
-                    answer.set_exception(exc)
-
-        def expire() -> None:
-            if not answer.done():
-                answer.set_exception(TimeoutError())
-
-        timer = loop.call_later(max(deadline - time.monotonic(), 0.0), expire)
-        loop.add_reader(fd, read_arrived)
-        try:
-            read_arrived()
-            return await answer
-        finally:
-            loop.remove_reader(fd)
-            timer.cancel()
 
     def stderr_tail(self) -> str:
         return self.agent_stderr.decode("utf-8", "replace").strip()[-500:]
 
     def close(self) -> None:
         self.channel.close()
-
-
-def _take(kind: bytes, body: bytes, call: CallOutput) -> dict[str, Any] | None:
-    """One frame of a call's answer into ``call``; the agent's result once it is the ``R`` frame."""
-    if kind == b"O":
-        call.stdout.add(body)
-    elif kind == b"E":
-        call.stderr.add(body)
-    elif kind == b"F":
-        call.files.add(body)
-    elif kind == b"R":
-        meta: dict[str, Any] = json.loads(body)
-        call.meta = meta
-        return meta
-    elif kind == b"X":
-        raise AgentError(f"agent failed: {body.decode('utf-8', 'replace')}")
-    return None
 
 
 class CallOutput:

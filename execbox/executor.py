@@ -13,19 +13,19 @@ from typing import Any
 
 import pydantic
 
+from .agentlink import AgentError, CallOutput, LinkEnded, Outcome
 from .config import ExecutorConfig
 from .egress import Egress, EgressGrant, EgressSettings, NetworkPolicy
 from .egress.manager import LazyEgress
 from .engine import open_engine
 from .engine.base import Engine, Isolation
-from .exceptions import ImageNotFoundError, InvalidRequestError
+from .exceptions import ImageNotFoundError, InvalidRequestError, SandboxError
 from .hardening import WORKDIR
 from .images import default_image
 from .models import ExecutionRequest, ExecutionResult, Limits, invalid_request, resolve_limits
-from .pool import Pool, PoolStats, Profile, SandboxFactory
+from .pool import Pool, PoolStats, Profile, Sandbox, SandboxFactory
 from .reaper import sweep
 from .runtimes import Runtime, get_runtime
-from .sandbox_call import Offload, SandboxCall
 from .state import StateStore, check_id, extract_state, state_env
 from .uids import UidRegistry, host_store
 from .volumes import UID_BASE as VOLUME_UID_BASE
@@ -137,10 +137,31 @@ class Executor:
         ``tenant`` namespaces stored state and volumes; ``network_ceiling`` (a tenant's
         policy) caps the request's own egress policy: a request must be allowed by both.
         """
-        runtime, limits, image = self._checked(request, tenant)
+        if self._closed:
+            raise InvalidRequestError("executor", "this executor is closed")
+        check_id("tenant", tenant)
+        runtime = get_runtime(request.language)
+        limits = self.resolve_limits(request)
+        if len(request.code.encode()) > self.config.max_code_bytes:
+            raise InvalidRequestError("code", f"larger than {self.config.max_code_bytes} bytes")
         store = self.state_store
         user = request.user_id
         persist = request.persist_state
+        if persist and user is None:
+            raise InvalidRequestError("user_id", "required with persist_state")
+        if persist and store is None:
+            raise InvalidRequestError("persist_state", "this executor has no state store")
+        if request.volume and user is None:
+            raise InvalidRequestError("user_id", "required with volume")
+        image = self.resolve_image(request.image)
+        if request.state is not None:  # refuse bad state before any container exists
+            state_env(request.state, self.config.max_state_bytes)
+        proxied = request.network is not None and request.network.mode == "proxy"
+        if request.secrets and not proxied:
+            raise InvalidRequestError("secrets", "secrets need network mode 'proxy' (nothing else could use them)")
+        for name in request.secrets:
+            if name in request.env:
+                raise InvalidRequestError(f"secrets.{name}", "also given in env: a name is either a secret or not")
         if not persist:
             return self._run_once(request, runtime, limits, image, request.state, on_output, tenant, network_ceiling)
         assert store is not None and user is not None
@@ -160,70 +181,6 @@ class Executor:
                 except InvalidRequestError as exc:
                     result.state_error = exc.message
         return result
-
-    def _checked(self, request: ExecutionRequest, tenant: str) -> tuple[Runtime, Limits, str]:
-        """The request's runtime, limits and image, once it passed every check a run makes first."""
-        if self._closed:
-            raise InvalidRequestError("executor", "this executor is closed")
-        check_id("tenant", tenant)
-        runtime = get_runtime(request.language)
-        limits = self.resolve_limits(request)
-        if len(request.code.encode()) > self.config.max_code_bytes:
-            raise InvalidRequestError("code", f"larger than {self.config.max_code_bytes} bytes")
-        store, user, persist = self.state_store, request.user_id, request.persist_state
-        if persist and user is None:
-            raise InvalidRequestError("user_id", "required with persist_state")
-        if persist and store is None:
-            raise InvalidRequestError("persist_state", "this executor has no state store")
-        if request.volume and user is None:
-            raise InvalidRequestError("user_id", "required with volume")
-        image = self.resolve_image(request.image)
-        if request.state is not None:  # refuse bad state before any container exists
-            state_env(request.state, self.config.max_state_bytes)
-        if request.secrets and not _proxied(request):
-            raise InvalidRequestError("secrets", "secrets need network mode 'proxy' (nothing else could use them)")
-        for name in request.secrets:
-            if name in request.env:
-                raise InvalidRequestError(f"secrets.{name}", "also given in env: a name is either a secret or not")
-        return runtime, limits, image
-
-    async def run_async(
-        self,
-        request: ExecutionRequest,
-        offload: Offload[ExecutionResult],
-        *,
-        tenant: str = "default",
-        network_ceiling: NetworkPolicy | None = None,
-    ) -> ExecutionResult | None:
-        """``run`` on an event loop, for a run a ready pooled sandbox takes as it is: nothing
-        stored, no volume, no egress, no output callback. The loop waits on the sandbox's
-        channel; no thread is held (``offload`` runs what needs the engine: a kill, a wait).
-        None when this run needs more (or no sandbox is ready): ``run`` it then, in a thread.
-
-        Cancelled while it runs, the run's sandbox is removed with it.
-        """
-        if self.pool is None or request.persist_state or request.volume or _proxied(request):
-            return None
-        if request.image not in (None, self.image):  # naming a package image asks the engine
-            return None
-        runtime, limits, image = self._checked(request, tenant)
-        isolation = request.isolation or self.config.isolation
-        self._keep_warm(isolation, "none")
-        profile = Profile.of(runtime, image, limits, "none", isolation=isolation)
-        payload = self._payload(request, runtime, limits, request.state, None)
-        started = time.monotonic()
-        sb = self.pool.take_ready(profile)  # its replacement is made from now on: send at once
-        if sb is None:
-            return None
-        exec_id = uuid.uuid4().hex[:16]
-        sb.leased = True
-        call = SandboxCall(self.engine, exec_id, sb, limits, self.config.kill_grace, None, started)
-        try:
-            call.send(payload)
-            result = await call.read_async(offload)
-        finally:
-            self.pool.retire(sb)
-        return self._finished(result, exec_id, runtime, profile, None)
 
     def _run_once(
         self,
@@ -288,7 +245,29 @@ class Executor:
         grant: EgressGrant | None,
         tenant: str,
     ) -> ExecutionResult:
-        payload = self._payload(request, runtime, limits, state, grant)
+        user_env = {**request.env, **(grant.env if grant is not None else {})}
+        env = runtime.environment(user_env)
+        if state is not None:
+            env.update(state_env(state, self.config.max_state_bytes))
+        files = dict(request.files)
+        if grant is not None:
+            files.update({p: text.encode() for p, text in grant.files.items()})
+        payload = {
+            "argv": list(runtime.argv),
+            "filename": runtime.filename,
+            "code": request.code,
+            "env": env,
+            "stdin": base64.b64encode(request.stdin.encode()).decode() if request.stdin else None,
+            "files": {p: base64.b64encode(data).decode() for p, data in files.items()},
+            "collect": request.collect,
+            "workdir": WORKDIR,
+            "timeout": limits.timeout,
+            "output_bytes": limits.output_bytes,
+            # The grant's start-up variables (NODE_OPTIONS, PYTHONPATH, NODE_EXTRA_CA_CERTS) are
+            # covered by its preload, which a warm runtime loads itself: only the caller's count.
+            "warm": runtime.warm_ok(request.env),
+            "preload": grant.preloads.get(runtime.name) if grant is not None else None,
+        }
         volume = self.volumes.ensure(tenant, request.user_id) if request.volume and request.user_id else None
         profile = Profile.of(
             runtime,
@@ -305,40 +284,6 @@ class Executor:
             # The run holds its volume (backups and restores wait) until its sandbox is gone.
             with self.volumes.in_use(volume):
                 result = self._run_in(profile, payload, exec_id, limits, on_output, keep_off_pool=True)
-        return self._finished(result, exec_id, runtime, profile, grant)
-
-    def _payload(
-        self, request: ExecutionRequest, runtime: Runtime, limits: Limits, state: Any, grant: EgressGrant | None
-    ) -> dict[str, Any]:
-        """What the sandbox's agent is sent to run."""
-        user_env = {**request.env, **(grant.env if grant is not None else {})}
-        env = runtime.environment(user_env)
-        if state is not None:
-            env.update(state_env(state, self.config.max_state_bytes))
-        files = dict(request.files)
-        if grant is not None:
-            files.update({p: text.encode() for p, text in grant.files.items()})
-        return {
-            "argv": list(runtime.argv),
-            "filename": runtime.filename,
-            "code": request.code,
-            "env": env,
-            "stdin": base64.b64encode(request.stdin.encode()).decode() if request.stdin else None,
-            "files": {p: base64.b64encode(data).decode() for p, data in files.items()},
-            "collect": request.collect,
-            "workdir": WORKDIR,
-            "timeout": limits.timeout,
-            "output_bytes": limits.output_bytes,
-            # The grant's start-up variables (NODE_OPTIONS, PYTHONPATH, NODE_EXTRA_CA_CERTS) are
-            # covered by its preload, which a warm runtime loads itself: only the caller's count.
-            "warm": runtime.warm_ok(request.env),
-            "preload": grant.preloads.get(runtime.name) if grant is not None else None,
-        }
-
-    def _finished(
-        self, result: ExecutionResult, exec_id: str, runtime: Runtime, profile: Profile, grant: EgressGrant | None
-    ) -> ExecutionResult:
-        """A run's result as its caller gets it (its state line taken out, its egress log), logged."""
         result.language = runtime.name
         result.isolation = profile.isolation
         result.node = self.node_name
@@ -381,9 +326,11 @@ class Executor:
         assert not sb.leased, "a sandbox is used once"
         sb.leased = True
         try:
-            call = SandboxCall(self.engine, exec_id, sb, limits, self.config.kill_grace, on_output, started)
-            call.send(payload)
-            return call.read()
+            try:
+                sb.link.send_json(payload)
+            except LinkEnded as exc:
+                raise SandboxError(f"execution {exec_id}: the sandbox ended before the request: {exc}") from None
+            return self._collect(exec_id, sb, limits, on_output, started)
         finally:
             if self.pool is not None and not keep_off_pool:
                 self.pool.retire(sb)  # off the request's path
@@ -461,6 +408,36 @@ class Executor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- internals ----------------------------------------------------------------------
 
-def _proxied(request: ExecutionRequest) -> bool:
-    return request.network is not None and request.network.mode == "proxy"
+    def _collect(
+        self,
+        exec_id: str,
+        sb: Sandbox,
+        limits: Limits,
+        on_output: OutputCallback | None,
+        started: float,
+    ) -> ExecutionResult:
+        call = CallOutput(limits.output_bytes, on_output)
+        deadline = time.monotonic() + limits.timeout + self.config.kill_grace
+        try:
+            meta = sb.link.read_call(deadline, call)
+            outcome = Outcome.of(meta, oom=lambda: self.engine.wait(sb.id, 2.0).oom_killed)
+        except TimeoutError:
+            # The agent did not enforce the limit (wedged or subverted): the host does.
+            self.engine.kill(sb.id)
+            outcome = Outcome.killed_by_host()
+        except LinkEnded:
+            state = self.engine.wait(sb.id, 2.0)
+            if not state.oom_killed:
+                raise SandboxError(
+                    f"execution {exec_id}: sandbox ended without a result (exit {state.exit_code})"
+                    f" {sb.link.stderr_tail()}"
+                ) from None
+            outcome = Outcome.died(oom_killed=True)
+        except AgentError as exc:
+            raise SandboxError(f"execution {exec_id}: {exc}") from None
+        except (SandboxError, ValueError) as exc:
+            self.engine.kill(sb.id)
+            raise SandboxError(f"execution {exec_id}: {exc}") from exc
+        return ExecutionResult(id=exec_id, language="", sandbox_id=sb.id, **call.fields(outcome, started))

@@ -288,18 +288,6 @@ class Pool:
 
         When none is ready, one is made now on the caller's thread (bounded by the engine).
         """
-        sb = self.take_ready(profile)
-        if sb is not None:
-            return sb, True
-        t0 = time.monotonic()
-        sb = self.factory.make(profile)
-        with self._lock:
-            self._stats.misses += 1
-            self._stats.miss_wait_ms += (time.monotonic() - t0) * 1000
-        return sb, False
-
-    def take_ready(self, profile: Profile) -> Sandbox | None:
-        """A ready never-used sandbox for ``profile`` (dead ones skipped), or None at once."""
         while True:
             with self._lock:
                 if self._closed:
@@ -307,16 +295,22 @@ class Pool:
                 queue = self._ready.get(profile)
                 sb = queue.popleft() if queue else None
             if sb is None:
-                return None
+                break
             self._wake.set()
             if sb.link.channel.alive():
                 with self._lock:
                     self._stats.hits += 1
                     self._last_handout = time.monotonic()
-                return sb
+                return sb, True
             with self._lock:
                 self._stats.dead += 1
             self.retire(sb)
+        t0 = time.monotonic()
+        sb = self.factory.make(profile)
+        with self._lock:
+            self._stats.misses += 1
+            self._stats.miss_wait_ms += (time.monotonic() - t0) * 1000
+        return sb, False
 
     def retire(self, sb: Sandbox) -> None:
         """Destroy a used (or unusable) sandbox in the background."""

@@ -72,7 +72,9 @@ class DockerChannel(Channel):
         self._sock.sendall(data)
 
     def _fill(self, deadline: float) -> None:
-        remaining = max(deadline - time.monotonic(), 0.0)  # 0: only what has arrived
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
         ready, _, _ = select.select([self._sock], [], [], remaining)
         if not ready:
             raise TimeoutError
@@ -93,10 +95,6 @@ class DockerChannel(Channel):
             if self._eof:
                 return None
             self._fill(deadline)
-
-    def fileno(self) -> int | None:
-        # Readable with bytes buffered here too: recv(0) is called before waiting on it.
-        return self._sock.fileno()
 
     def alive(self) -> bool:
         if self._eof:

@@ -132,8 +132,7 @@ class Channel(ABC):
     def recv(self, timeout: float) -> tuple[int, bytes] | None:
         """Next chunk as (STDOUT|STDERR, bytes); None at end of stream.
 
-        Raises TimeoutError if nothing arrives within ``timeout`` seconds; ``recv(0)`` takes
-        only what has already arrived, without waiting.
+        Raises TimeoutError if nothing arrives within ``timeout`` seconds.
         """
 
     @abstractmethod
@@ -142,11 +141,6 @@ class Channel(ABC):
     def alive(self) -> bool:
         """False when the stream has already ended (the sandbox died while waiting)."""
         return True
-
-    def fileno(self) -> int | None:
-        """A descriptor that is readable when ``recv`` has something to give (an event loop
-        waits on it instead of a thread blocking in ``recv``); None when there is none."""
-        return None
 
 
 class Engine(ABC):

@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -40,8 +40,6 @@ from .schemas import ErrorBody, JobRequest
 from .webhooks import WebhookSender, resolve_callback
 
 __all__ = ["Admission", "ExecutionService"]
-
-T = TypeVar("T")
 
 log = logging.getLogger("execbox.server")
 
@@ -272,28 +270,15 @@ class ExecutionService:
                 assert self.dispatcher is not None
                 result = await self.dispatcher.run(tenant.name, request, tenant.policy.egress, on_output)
             else:
-                result = await self._run_here(executor, tenant, request, on_output)
+                call = functools.partial(
+                    executor.run, request, on_output, tenant=tenant.name, network_ceiling=tenant.policy.egress
+                )
+                result = await anyio.to_thread.run_sync(call, limiter=self._threads)
             bind(execution_id=result.id)  # for the request's access log line
             outcome = outcome_of(result)
             return result
         finally:
             self.metrics.finished(request.language, outcome, time.monotonic() - started)
-
-    async def _run_here(
-        self, executor: Executor, tenant: Tenant, request: ExecutionRequest, on_output: OutputCallback | None
-    ) -> ExecutionResult:
-        ceiling = tenant.policy.egress
-        if on_output is None:  # most runs: on the loop, without a thread hand-off (None: it needs one)
-            result = await executor.run_async(request, self._offload, tenant=tenant.name, network_ceiling=ceiling)
-            if result is not None:
-                return result
-        return await self._offload(
-            functools.partial(executor.run, request, on_output, tenant=tenant.name, network_ceiling=ceiling)
-        )
-
-    async def _offload(self, call: Callable[[], T]) -> T:
-        """``call()`` in a worker thread (bounded); not cancellable once started."""
-        return await anyio.to_thread.run_sync(call, limiter=self._threads)
 
     async def execute(self, tenant: Tenant, request: ExecutionRequest) -> ExecutionResult:
         """One execution as the API answers it: checked against the tenant's policy, admitted (or
