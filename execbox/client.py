@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pydantic
 
-from .client_lane import Lane, LaneError
+from .client_lane import Answer, Lane, LaneError
 from .client_sessions import AsyncSessionsMixin, SessionsMixin
 from .exceptions import (
     AuthenticationError,
@@ -79,7 +79,7 @@ def _read_timeout(body: dict[str, Any], slack: float) -> float:
     return float(t) + slack
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: httpx.Response | Answer) -> float | None:
     value = response.headers.get("retry-after")
     try:
         return float(value) if value is not None else None
@@ -87,7 +87,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def raise_for_response(response: httpx.Response) -> None:
+def raise_for_response(response: httpx.Response | Answer) -> None:
     """Raise the execbox exception for an error answer; return for a 2xx."""
     if response.is_success:
         return
@@ -213,8 +213,8 @@ class Client(SessionsMixin, _Base):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, read: float | None, **kw: Any) -> httpx.Response:
-        response = None
+    def _send(self, method: str, path: str, read: float | None, **kw: Any) -> httpx.Response | Answer:
+        response: httpx.Response | Answer | None = None
         if self._lane is not None and kw.keys() <= {"json", "params"}:
             try:
                 response = self._lane.request(method, path, read, kw.get("json"), kw.get("params"))

@@ -14,6 +14,7 @@ from .sessions import SessionCreateRequest, SessionExecuteRequest, SessionInfo, 
 
 if TYPE_CHECKING:
     from .client import StreamEvent
+    from .client_lane import Answer
     from .models import ExecutionResult
 
 __all__ = ["AsyncSessionsMixin", "SessionsMixin"]
@@ -90,7 +91,7 @@ class SessionsMixin:
 
     if TYPE_CHECKING:
 
-        def _send(self, method: str, path: str, read: float | None, **kw: Any) -> httpx.Response: ...
+        def _send(self, method: str, path: str, read: float | None, **kw: Any) -> httpx.Response | Answer: ...
 
         def _events(
             self, path: str, body: dict[str, Any], read: float, model: type[ExecutionResult] | type[SessionResult]

@@ -108,6 +108,7 @@ def test_requests_go_over_one_kept_connection_as_httpx_would_send_them(server: R
     first = server.requests[0]
     assert first["method"] == "POST" and first["path"] == "/prefix/v1/execute"
     assert first["headers"]["Authorization"] == "Bearer k3y"
+    assert first["headers"]["Host"] == server.url.removeprefix("http://")
     assert first["headers"]["Content-Type"] == "application/json"
     assert json.loads(first["body"]) == {"code": "print(1)", "language": "python", "env": {}}
 
@@ -163,3 +164,66 @@ def test_threads_sharing_a_client_all_get_their_answers(server: Recorder) -> Non
             t.join()
     assert answers == ["1\n"] * 20
     assert len(server.requests) == 20
+
+
+def canned(answer: bytes) -> tuple[str, threading.Thread]:
+    """A server on loopback that reads one request and writes ``answer`` as it is, then closes."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+BODY = json.dumps(RESULT).encode()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(BODY[i : i + 50]), BODY[i : i + 50]) for i in range(0, len(BODY), 50))
+        + b"0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + BODY,  # up to the close
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nConnection: close\r\n\r\n" % len(BODY) + BODY,
+    ],
+    ids=["chunked", "until-close", "length-then-close"],
+)
+def test_bodies_by_chunks_or_up_to_the_close_are_read(answer: bytes) -> None:
+    url, thread = canned(answer)
+    with Client(url) as c:
+        assert c.execute("print(1)", language="python").stdout == "1\n"
+        assert c._lane is not None
+        assert (c._lane._sock is not None) == answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Type")  # kept?
+    thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n{}",  # cut off
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 << 10) + b"\r\n\r\n",
+        b"",
+    ],
+    ids=["not-http", "cut-off", "bad-length", "bad-chunk", "huge-header", "nothing"],
+)
+def test_what_is_not_a_readable_answer_is_a_service_error(answer: bytes) -> None:
+    url, thread = canned(answer)
+    with Client(url) as c, pytest.raises(ServiceError, match="cannot reach"):
+        c.execute("print(1)", language="python")
+    thread.join(5)
