@@ -91,6 +91,13 @@ class Sandbox:
     leased: bool = False  # handed out for a run (it is never handed out twice)
     uid_lease: UidLease | None = None  # its own UID's lease (None: a volume's UID, leased by the volume)
 
+    def let_go(self) -> None:
+        """Tell its agent, lingering after its answer, to end now (see ``LINGER``)."""
+        try:
+            self.link.channel.send(b"\n")
+        except OSError:
+            pass
+
 
 class SandboxFactory:
     """Creates, starts and destroys sandboxes; knows every sandbox still alive."""
@@ -164,13 +171,15 @@ class SandboxFactory:
             raise SandboxError(f"sandbox {sb.id[:12]}: {exc}") from None
         sb.ready = True
 
-    def destroy(self, sb: Sandbox, settle: float = 0.0) -> None:
+    def destroy(self, sb: Sandbox, settle: float = 0.0, let_go: bool = False) -> None:
         """Close and force-remove; the reaper collects it if the engine refuses now.
 
         With ``settle``, first wait up to that long for the sandbox to end by itself
-        (its agent exits after the result): removing a stopped container costs the
-        engine far less than killing a running one.
+        (its agent exits after the result, once let go or ``LINGER`` passed): removing
+        a stopped container costs the engine far less than killing a running one.
         """
+        if let_go:
+            sb.let_go()
         if settle > 0:
             deadline = time.monotonic() + settle
             try:

@@ -56,15 +56,17 @@ class _PipeChannel(Channel):
     def send(self, data: bytes) -> None:
         # Messages name paths inside the sandbox (its working directory, the agent's helpers):
         # point them at ours.
-        req = json.loads(data)
-        if "workdir" in req:
-            req["workdir"] = self.box.workdir
-        if "repl_argv" in req:
-            req["repl_argv"] = [a.replace(_SANDBOX_DIR, self.sandbox_dir) for a in req["repl_argv"]]
+        if data.strip():  # not a bare newline (that lets a lingering agent go)
+            req = json.loads(data)
+            if "workdir" in req:
+                req["workdir"] = self.box.workdir
+            if "repl_argv" in req:
+                req["repl_argv"] = [a.replace(_SANDBOX_DIR, self.sandbox_dir) for a in req["repl_argv"]]
+            data = json.dumps(req).encode() + b"\n"
         proc = self.proc
         if proc is None or proc.stdin is None:
             raise BrokenPipeError("sandbox not started")
-        proc.stdin.write(json.dumps(req).encode() + b"\n")
+        proc.stdin.write(data)
         proc.stdin.flush()
 
     def recv(self, timeout: float) -> tuple[int, bytes] | None:
