@@ -18,10 +18,11 @@ time, for the whole life of a session:
 3. it answers each request on the connection it came from, with ``agent.py``'s frames:
    ``O``/``E`` output of this call only, then ``R`` (JSON) or ``X`` (agent error).
 
-Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes", "files", "collect"} and
-{"op": "ping"}. ``files`` (path -> base64) are written under the working directory before
-the code runs; files matching ``collect`` are sent as ``F`` frames after it, before ``R``
-(as ``agent.py`` does for a run). Without ``code`` a call only writes and collects files.
+Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes", "files", "collect"},
+{"op": "ping"} and {"op": "pause"} (see below). ``files`` (path -> base64) are written under
+the working directory before the code runs; files matching ``collect`` are sent as ``F``
+frames after it, before ``R`` (as ``agent.py`` does for a run). Without ``code`` a call
+only writes and collects files.
 
 REPL calls: the code goes to the worker over a pipe; the worker runs it in its
 persistent namespace and reports the call's status on another pipe. At the timeout
@@ -31,6 +32,16 @@ worker started (``reset``: variables are gone, files in /work stay). Output the
 worker writes between calls (background threads, timers) belongs to no call and is
 discarded. Non-REPL calls run exactly as ``agent.py`` runs a program (``agent.run``):
 a fresh process per call, killed with its whole process group at the end.
+
+Pause: {"op": "pause"} announces a checkpoint of the sandbox. Whoever restores it attaches
+a new stream first, and after the restore fds 0/1 are that stream (gVisor hands the new
+container's stdio to the restored processes), so the agent serves it as a new connection,
+which must say hello, and no ``docker exec`` of a relay is needed. But an epoll
+registration made before the checkpoint does not fire for the restored stdin until it is
+registered again (runsc 20221219, measured: the data is there for a read, the old
+registration never reports it). So from the announcement on, the agent leaves stdin out
+of its selector and reads it without blocking every ``RESTORE_POLL`` seconds, until a
+stream says something (or a host comes back through a relay: a pause that did not happen).
 
 The host does not trust this agent: it applies its own deadline and output caps.
 """
@@ -56,6 +67,8 @@ from session_parts import MAX_LINE, READ_CHUNK, Conn, Worker  # noqa: E402
 # "sandboxes" share the host's, names one per sandbox in EXECBOX_SESSION_SOCKET.
 SOCKET_NAME = "\0" + os.environ.get("EXECBOX_SESSION_SOCKET", "execbox-session")
 HELLO_TIMEOUT = 10.0
+RESTORE_POLL = 0.005  # seconds between reads of stdin while a restore is awaited
+RESTORE_POLLS = 12000  # at most this many (a minute awake), then only a relay comes in
 SEND_TIMEOUT = 30.0
 WORKER_READY_TIMEOUT = 30.0
 _LEN = struct.Struct(">I")
@@ -73,6 +86,7 @@ class Session:
         self.worker: Worker | None = None
         self.reset_pending = False
         self.calls = 0
+        self.restore_polls = 0  # > 0: paused by the host; stdin is polled (see the module's doc)
         os.makedirs(self.workdir, exist_ok=True)
         # The session's own files (egress: the proxy's CA, the runtimes' preloads), path -> base64.
         agent.put_files(self.workdir, init.get("files") or {})
@@ -282,6 +296,8 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
         token = str(req.get("token", "")).encode() if isinstance(req, dict) else b""
         if op == "hello" and hmac.compare_digest(token, session.token):
             conn.authed = True
+            if conn.sock is not None:
+                session.restore_polls = 0  # a host came back through a relay: no restore is coming
             conn.reply({"ok": True, "calls": session.calls})
         else:
             conn.error("unauthenticated")
@@ -295,6 +311,10 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
             conn.error(f"{type(exc).__name__}: {exc}")
     elif op == "ping":
         conn.reply({"ok": True, "calls": session.calls, "repl": session.repl})
+    elif op == "pause":
+        os.set_blocking(0, False)  # polled, and nothing else reads it
+        session.restore_polls = RESTORE_POLLS
+        conn.reply({"ok": True})
     else:
         conn.error(f"unknown request {op!r}")
 
@@ -302,6 +322,8 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
 def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
     conns: dict[int, Conn] = {stdin_conn.rfd: stdin_conn}
     while True:
+        if session.restore_polls:
+            conns.pop(0, None)  # the stream before the checkpoint: its host is done with it
         sel = selectors.DefaultSelector()
         sel.register(listener.fileno(), selectors.EVENT_READ, "listen")
         for fd in conns:
@@ -310,8 +332,16 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
             sel.register(fd, selectors.EVENT_READ, what)
         waiting = [c.opened + HELLO_TIMEOUT for c in conns.values() if not c.authed]
         timeout = max(min(waiting) - time.monotonic(), 0.0) if waiting else None
+        if session.restore_polls:
+            timeout = RESTORE_POLL if timeout is None else min(timeout, RESTORE_POLL)
         events = sel.select(timeout)
         sel.close()
+        if session.restore_polls:
+            data = _restored_stdin(session)
+            if data:  # the stream of whoever restored the sandbox: a new connection
+                session.restore_polls = 0
+                conns[0] = Conn(0, 1)
+                _feed(session, conns[0], data)
         for key, _ in events:
             if key.data == "listen":
                 sock, _ = listener.accept()
@@ -333,11 +363,7 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
                 if not data:
                     conn.dead = True
                     continue
-                conn.buf += data
-                for line in conn.lines():
-                    if conn.dead:
-                        break
-                    _handle(session, conn, line)
+                _feed(session, conn, data)
             elif key.data == "worker":
                 if session.worker is not None and key.fd == session.worker.pidfd:
                     session.worker_died()
@@ -358,6 +384,23 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
                 if conn.sock is not None:
                     conn.sock.close()
                 del conns[fd]
+
+
+def _feed(session: Session, conn: Conn, data: bytes) -> None:
+    conn.buf += data
+    for line in conn.lines():
+        if conn.dead:
+            break
+        _handle(session, conn, line)
+
+
+def _restored_stdin(session: Session) -> bytes:
+    """One read of stdin while a restore is awaited: what a new stream sent, or b""."""
+    session.restore_polls -= 1
+    try:
+        return os.read(0, READ_CHUNK)  # b"": the end of the stream before the checkpoint
+    except OSError:  # BlockingIOError: nothing yet
+        return b""
 
 
 def relay() -> int:
