@@ -259,6 +259,7 @@ class DockerEngine(Engine):
                 self.api.wait(sandbox_id, timeout=30, condition="not-running")
         except requests.exceptions.ReadTimeout:
             log.warning("checkpointed sandbox %s still reported running after 30 s", sandbox_id[:12])
+        runsc.delete_stale_task(sandbox_id)  # else the next start does it (see runsc.py)
 
     def checkpoint_size(self, sandbox_id: str, name: str) -> int | None:
         # Docker 20.10 keeps checkpoints in the container's own directory (a custom directory is
