@@ -67,8 +67,8 @@ from session_parts import MAX_LINE, READ_CHUNK, Conn, Worker  # noqa: E402
 # "sandboxes" share the host's, names one per sandbox in EXECBOX_SESSION_SOCKET.
 SOCKET_NAME = "\0" + os.environ.get("EXECBOX_SESSION_SOCKET", "execbox-session")
 HELLO_TIMEOUT = 10.0
-RESTORE_POLL = 0.005  # seconds between reads of stdin while a restore is awaited
-RESTORE_POLLS = 12000  # at most this many (a minute awake), then only a relay comes in
+RESTORE_POLL = 0.002  # seconds between reads of stdin while a restore is awaited
+RESTORE_POLLS = 30000  # at most this many (a minute awake), then only a relay comes in
 SEND_TIMEOUT = 30.0
 WORKER_READY_TIMEOUT = 30.0
 _LEN = struct.Struct(">I")

@@ -212,14 +212,20 @@ class SessionsPausing(SessionsLifecycle):
                 channel.close()
             raise
         restored = time.monotonic()
+        hello = self._say_hello(rec, channel) if channel is not None else None  # read while we save
         rec.paused_at = None
         rec.checkpoint_bytes = 0
         rec.resume_attach = False
         rec.resumes += 1
         rec.resumed_at = time.time()
-        self._save(rec)
         try:
-            if channel is None or not self._hello_restored(rec, channel):
+            self._save(rec)
+        except BaseException:
+            if hello is not None:
+                hello.close()
+            raise
+        try:
+            if hello is None or not self._hello_answered(rec, hello):
                 self._connect(rec)  # through a relay (see the module's doc)
         except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:
             if self._check_container(rec) is None:
@@ -238,13 +244,21 @@ class SessionsPausing(SessionsLifecycle):
         )
         return took
 
-    def _hello_restored(self, rec: Record, channel: Channel) -> bool:
-        """Authenticate on the stream attached before the restore and keep it as this process's
-        link; False (the stream closed) if the agent does not answer on it."""
+    def _say_hello(self, rec: Record, channel: Channel) -> SessionLink | None:
+        """Authenticate on the stream attached before the restore (None: it is closed already)."""
         assert rec.container_id is not None
         link = SessionLink(rec.container_id, channel, "attach")
         try:
             link.send_json({"op": "hello", "token": rec.token})
+        except LinkEnded as exc:
+            log.warning("session %s: the restored stream is closed (%s): reconnecting through a relay", rec.id, exc)
+            link.close()
+            return None
+        return link
+
+    def _hello_answered(self, rec: Record, link: SessionLink) -> bool:
+        """The agent's answer on the restored stream: then it is this process's link; False (closed) if none."""
+        try:
             link.reply(time.monotonic() + AGENT_ANSWER)
         except (LinkEnded, TimeoutError, SandboxError) as exc:
             log.warning("session %s: no answer on the restored stream (%s): reconnecting through a relay", rec.id, exc)
