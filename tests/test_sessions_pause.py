@@ -194,6 +194,9 @@ def test_a_resume_takes_the_stream_attached_before_the_restore(engine: Engine, t
         first.pause(s.id)
         record = store.get_record(RECORD_KIND, f"default/{s.id}")
         assert record is not None and record["resume_attach"]  # the agent was told
+        assert isinstance(engine, DockerEngine)
+        host = engine.api.inspect_container(record["container_id"])["HostConfig"]
+        assert (host["CpuPeriod"], host["CpuQuota"], host["NanoCpus"]) == (300_000, 300_000, 0)  # 1 cpu, 0.3 s window
         r = first.execute(s.id, "print(x)")
         assert (r.stdout, r.resumed, first._links[s.id].via) == ("1\n", True, "attach"), r.stderr
         with sessions_over(engine, store, start_reaper=False) as second:
