@@ -230,4 +230,9 @@ def test_an_agent_not_told_of_the_pause_is_reached_through_a_relay(engine: Engin
         sessions.pause(s.id)
         r = sessions.execute(s.id, "console.log(n + 3)")
         assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("44\n", True, "attach"), r.stderr
+        # Another process tells it of a pause that does not happen: this one's stream still serves.
+        with Sessions(engine, store, start_reaper=False) as other:
+            assert other._tell_pause(other._record("default", s.id))
+        r = sessions.execute(s.id, "console.log(n + 4)")
+        assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("45\n", False, "attach"), r.stderr
     store.close()

@@ -35,13 +35,15 @@ a fresh process per call, killed with its whole process group at the end.
 
 Pause: {"op": "pause"} announces a checkpoint of the sandbox. Whoever restores it attaches
 a new stream first, and after the restore fds 0/1 are that stream (gVisor hands the new
-container's stdio to the restored processes), so the agent serves it as a new connection,
-which must say hello, and no ``docker exec`` of a relay is needed. But an epoll
-registration made before the checkpoint does not fire for the restored stdin until it is
-registered again (runsc 20221219, measured: the data is there for a read, the old
-registration never reports it). So from the announcement on, the agent leaves stdin out
-of its selector and reads it without blocking every ``RESTORE_POLL`` seconds, until a
-stream says something (or a host comes back through a relay: a pause that did not happen).
+container's stdio to the restored processes): it says hello (also where stdin was an
+authenticated stream before) and is served, and no ``docker exec`` of a relay is needed.
+But an epoll registration made before the checkpoint does not fire for the restored stdin
+(runsc 20221219, measured: the data is there for a read; a fresh registration reports
+it). The selector is made anew on every turn, so from the announcement on the agent turns
+every ``RESTORE_POLL`` seconds; and a stdin that had ended (its host left: Docker closes it
+with the first attached stream) is read without blocking on each turn, a new connection
+once a restore's stream speaks. Polling stops at the next hello (the restore's stream, or
+a relay after a pause that did not happen) or after ``RESTORE_POLLS`` turns.
 
 The host does not trust this agent: it applies its own deadline and output caps.
 """
@@ -292,12 +294,11 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
         op = req.get("op") if isinstance(req, dict) else None
     except ValueError:
         op = req = None
-    if not conn.authed:
+    if op == "hello" or not conn.authed:  # also on stdin after a restore: a new stream behind the same fd
         token = str(req.get("token", "")).encode() if isinstance(req, dict) else b""
         if op == "hello" and hmac.compare_digest(token, session.token):
             conn.authed = True
-            if conn.sock is not None:
-                session.restore_polls = 0  # a host came back through a relay: no restore is coming
+            session.restore_polls = 0  # a host is back: the restore's stream, or a relay (no restore)
             conn.reply({"ok": True, "calls": session.calls})
         else:
             conn.error("unauthenticated")
@@ -322,9 +323,7 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
 def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
     conns: dict[int, Conn] = {stdin_conn.rfd: stdin_conn}
     while True:
-        if session.restore_polls:
-            conns.pop(0, None)  # the stream before the checkpoint: its host is done with it
-        sel = selectors.DefaultSelector()
+        sel = selectors.DefaultSelector()  # made anew each time: see the module's doc (Pause)
         sel.register(listener.fileno(), selectors.EVENT_READ, "listen")
         for fd in conns:
             sel.register(fd, selectors.EVENT_READ, "conn")
@@ -337,9 +336,9 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
         events = sel.select(timeout)
         sel.close()
         if session.restore_polls:
-            data = _restored_stdin(session)
-            if data:  # the stream of whoever restored the sandbox: a new connection
-                session.restore_polls = 0
+            session.restore_polls -= 1
+            data = _restored_stdin() if 0 not in conns else b""
+            if data:  # stdin had ended (its host left): this is the stream of whoever restored the sandbox
                 conns[0] = Conn(0, 1)
                 _feed(session, conns[0], data)
         for key, _ in events:
@@ -394,9 +393,8 @@ def _feed(session: Session, conn: Conn, data: bytes) -> None:
         _handle(session, conn, line)
 
 
-def _restored_stdin(session: Session) -> bytes:
-    """One read of stdin while a restore is awaited: what a new stream sent, or b""."""
-    session.restore_polls -= 1
+def _restored_stdin() -> bytes:
+    """One read of an ended stdin while a restore is awaited: what a new stream sent, or b""."""
     try:
         return os.read(0, READ_CHUNK)  # b"": the end of the stream before the checkpoint
     except OSError:  # BlockingIOError: nothing yet
