@@ -43,6 +43,25 @@ def test_gvisor_spec_keeps_every_limit_and_moves_the_process_cap_inside() -> Non
     assert strip == [r for r in runc.seccomp["syscalls"] if r["names"] != ["clone3"]]  # type: ignore[attr-defined]
 
 
+def test_a_pausable_gvisor_session_has_its_cpu_limit_enforced_over_a_longer_window() -> None:
+    import docker
+
+    from execbox.engine.docker import DockerEngine
+
+    limits = Limits(cpus=0.5)
+    pausable = sandbox_spec(limits, "img", 100_001, {}, isolation="gvisor", pausable=True)
+    assert (pausable.nano_cpus, pausable.cpu_period_us) == (500_000_000, 300_000)
+    runc_session = sandbox_spec(limits, "img", 100_001, {}, pausable=True)
+    gvisor_run = sandbox_spec(limits, "img", 100_001, {}, isolation="gvisor")
+    assert runc_session.cpu_period_us == gvisor_run.cpu_period_us == 0
+    engine = DockerEngine(docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41"))  # never connects
+    host = engine._host_config(pausable)
+    assert (host.get("NanoCpus"), host["CpuPeriod"], host["CpuQuota"]) == (None, 300_000, 150_000)  # the same share
+    assert engine._host_config(gvisor_run)["NanoCpus"] == 500_000_000 and "CpuPeriod" not in engine._host_config(
+        gvisor_run
+    )
+
+
 def test_docker_runtimes_of_each_isolation_are_the_registered_ones() -> None:
     registered = json.loads(RUNTIMES_FILE.read_text())
     assert runtime_of(spec("container")) is None and runtime_of(spec("container", "net")) is None  # type: ignore[arg-type]

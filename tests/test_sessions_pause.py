@@ -182,3 +182,57 @@ def test_pause_after_is_checked_where_it_cannot_apply(engine: Engine, tmp_path: 
             assert info.value.field == "pause_after"
         assert sessions.list("default") == []  # nothing was created
     store.close()
+
+
+def test_a_resume_takes_the_stream_attached_before_the_restore(engine: Engine, tmp_path: Path) -> None:
+    """Told of the pause, the agent serves the stream its resumer attached: no relay is started,
+    also for a session this process adopted (its link to it was a relay) and after a restart."""
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    with sessions_over(engine, store, start_reaper=False) as first:
+        s = first.create("alice", "python", isolation="gvisor")
+        first.execute(s.id, "x = 1")
+        first.pause(s.id)
+        record = store.get_record(RECORD_KIND, f"default/{s.id}")
+        assert record is not None and record["resume_attach"]  # the agent was told
+        assert isinstance(engine, DockerEngine)
+        host = engine.api.inspect_container(record["container_id"])["HostConfig"]
+        assert (host["CpuPeriod"], host["CpuQuota"], host["NanoCpus"]) == (300_000, 300_000, 0)  # 1 cpu, 0.3 s window
+        r = first.execute(s.id, "print(x)")
+        assert (r.stdout, r.resumed, first._links[s.id].via) == ("1\n", True, "attach"), r.stderr
+        with sessions_over(engine, store, start_reaper=False) as second:
+            assert second.execute(s.id, "x += 1").exit_code == 0
+            assert second._links[s.id].via == "relay"  # adopted
+            second.pause(s.id)
+            r = second.execute(s.id, "print(x)")
+            assert (r.stdout, r.resumed, second._links[s.id].via) == ("2\n", True, "attach"), r.stderr
+            assert not first.get(s.id).paused
+    store.close()
+
+
+def test_an_agent_not_told_of_the_pause_is_reached_through_a_relay(engine: Engine, tmp_path: Path) -> None:
+    """A checkpoint whose agent was not told (made before this existed): resumed through a relay.
+    An agent told of a pause that did not happen serves the relay of the next call, and its next
+    pause and resume take the attached stream again."""
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    with sessions_over(engine, store, start_reaper=False) as sessions:
+        s = sessions.create("alice", "javascript", isolation="gvisor")
+        sessions.execute(s.id, "globalThis.n = 41")
+        sessions.pause(s.id)
+        record = store.get_record(RECORD_KIND, f"default/{s.id}")
+        assert record is not None
+        store.put_record(RECORD_KIND, f"default/{s.id}", {**record, "resume_attach": False}, 600, "update")
+        r = sessions.execute(s.id, "console.log(n + 1)")
+        assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("42\n", True, "relay"), r.stderr
+        rec = sessions._record("default", s.id)
+        assert sessions._tell_pause(rec)  # told, then no checkpoint: the next call comes through a relay
+        r = sessions.execute(s.id, "console.log(n + 2)")
+        assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("43\n", False, "relay"), r.stderr
+        sessions.pause(s.id)
+        r = sessions.execute(s.id, "console.log(n + 3)")
+        assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("44\n", True, "attach"), r.stderr
+        # Another process tells it of a pause that does not happen: this one's stream still serves.
+        with Sessions(engine, store, start_reaper=False) as other:
+            assert other._tell_pause(other._record("default", s.id))
+        r = sessions.execute(s.id, "console.log(n + 4)")
+        assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("45\n", False, "attach"), r.stderr
+    store.close()

@@ -80,6 +80,7 @@ class SandboxSpec:
     volumes: dict[str, str] = field(default_factory=dict)  # named volume -> mount path (per-user data)
     dns_options: tuple[str, ...] = ()  # resolv.conf options (egress runs: give up on lookups quickly)
     isolation: Isolation = "container"
+    cpu_period_us: int = 0  # the window nano_cpus is enforced over (0: the engine's own, 100 ms)
 
 
 @dataclass(frozen=True)

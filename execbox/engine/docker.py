@@ -118,7 +118,9 @@ class DockerEngine(Engine):
             tmpfs={path: _tmpfs_options(t) for path, t in spec.tmpfs.items()},
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,
-            nano_cpus=spec.nano_cpus,
+            nano_cpus=None if spec.cpu_period_us else spec.nano_cpus,
+            cpu_period=spec.cpu_period_us or None,
+            cpu_quota=spec.nano_cpus * spec.cpu_period_us // 1_000_000_000 or None,
             pids_limit=spec.pids,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges", f"seccomp={_seccomp_json(spec.seccomp)}"],
@@ -259,6 +261,7 @@ class DockerEngine(Engine):
                 self.api.wait(sandbox_id, timeout=30, condition="not-running")
         except requests.exceptions.ReadTimeout:
             log.warning("checkpointed sandbox %s still reported running after 30 s", sandbox_id[:12])
+        runsc.delete_stale_task(sandbox_id)  # else the next start does it (see runsc.py)
 
     def checkpoint_size(self, sandbox_id: str, name: str) -> int | None:
         # Docker 20.10 keeps checkpoints in the container's own directory (a custom directory is

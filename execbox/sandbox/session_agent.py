@@ -18,10 +18,11 @@ time, for the whole life of a session:
 3. it answers each request on the connection it came from, with ``agent.py``'s frames:
    ``O``/``E`` output of this call only, then ``R`` (JSON) or ``X`` (agent error).
 
-Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes", "files", "collect"} and
-{"op": "ping"}. ``files`` (path -> base64) are written under the working directory before
-the code runs; files matching ``collect`` are sent as ``F`` frames after it, before ``R``
-(as ``agent.py`` does for a run). Without ``code`` a call only writes and collects files.
+Requests: {"op": "exec", "id", "code", "env", "timeout", "output_bytes", "files", "collect"},
+{"op": "ping"} and {"op": "pause"} (see below). ``files`` (path -> base64) are written under
+the working directory before the code runs; files matching ``collect`` are sent as ``F``
+frames after it, before ``R`` (as ``agent.py`` does for a run). Without ``code`` a call
+only writes and collects files.
 
 REPL calls: the code goes to the worker over a pipe; the worker runs it in its
 persistent namespace and reports the call's status on another pipe. At the timeout
@@ -31,6 +32,18 @@ worker started (``reset``: variables are gone, files in /work stay). Output the
 worker writes between calls (background threads, timers) belongs to no call and is
 discarded. Non-REPL calls run exactly as ``agent.py`` runs a program (``agent.run``):
 a fresh process per call, killed with its whole process group at the end.
+
+Pause: {"op": "pause"} announces a checkpoint of the sandbox. Whoever restores it attaches
+a new stream first, and after the restore fds 0/1 are that stream (gVisor hands the new
+container's stdio to the restored processes): it says hello (also where stdin was an
+authenticated stream before) and is served, and no ``docker exec`` of a relay is needed.
+But an epoll registration made before the checkpoint does not fire for the restored stdin
+(runsc 20221219, measured: the data is there for a read; a fresh registration reports
+it). The selector is made anew on every turn, so from the announcement on the agent turns
+every ``RESTORE_POLL`` seconds; and a stdin that had ended (its host left: Docker closes it
+with the first attached stream) is read without blocking on each turn, a new connection
+once a restore's stream speaks. Polling stops at the next hello (the restore's stream, or
+a relay after a pause that did not happen) or after ``RESTORE_POLLS`` turns.
 
 The host does not trust this agent: it applies its own deadline and output caps.
 """
@@ -56,6 +69,8 @@ from session_parts import MAX_LINE, READ_CHUNK, Conn, Worker  # noqa: E402
 # "sandboxes" share the host's, names one per sandbox in EXECBOX_SESSION_SOCKET.
 SOCKET_NAME = "\0" + os.environ.get("EXECBOX_SESSION_SOCKET", "execbox-session")
 HELLO_TIMEOUT = 10.0
+RESTORE_POLL = 0.002  # seconds between reads of stdin while a restore is awaited
+RESTORE_POLLS = 30000  # at most this many (a minute awake), then only a relay comes in
 SEND_TIMEOUT = 30.0
 WORKER_READY_TIMEOUT = 30.0
 _LEN = struct.Struct(">I")
@@ -73,6 +88,7 @@ class Session:
         self.worker: Worker | None = None
         self.reset_pending = False
         self.calls = 0
+        self.restore_polls = 0  # > 0: paused by the host; stdin is polled (see the module's doc)
         os.makedirs(self.workdir, exist_ok=True)
         # The session's own files (egress: the proxy's CA, the runtimes' preloads), path -> base64.
         agent.put_files(self.workdir, init.get("files") or {})
@@ -278,10 +294,11 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
         op = req.get("op") if isinstance(req, dict) else None
     except ValueError:
         op = req = None
-    if not conn.authed:
+    if op == "hello" or not conn.authed:  # also on stdin after a restore: a new stream behind the same fd
         token = str(req.get("token", "")).encode() if isinstance(req, dict) else b""
         if op == "hello" and hmac.compare_digest(token, session.token):
             conn.authed = True
+            session.restore_polls = 0  # a host is back: the restore's stream, or a relay (no restore)
             conn.reply({"ok": True, "calls": session.calls})
         else:
             conn.error("unauthenticated")
@@ -295,6 +312,10 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
             conn.error(f"{type(exc).__name__}: {exc}")
     elif op == "ping":
         conn.reply({"ok": True, "calls": session.calls, "repl": session.repl})
+    elif op == "pause":
+        os.set_blocking(0, False)  # polled, and nothing else reads it
+        session.restore_polls = RESTORE_POLLS
+        conn.reply({"ok": True})
     else:
         conn.error(f"unknown request {op!r}")
 
@@ -302,7 +323,7 @@ def _handle(session: Session, conn: Conn, line: bytes) -> None:
 def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
     conns: dict[int, Conn] = {stdin_conn.rfd: stdin_conn}
     while True:
-        sel = selectors.DefaultSelector()
+        sel = selectors.DefaultSelector()  # made anew each time: see the module's doc (Pause)
         sel.register(listener.fileno(), selectors.EVENT_READ, "listen")
         for fd in conns:
             sel.register(fd, selectors.EVENT_READ, "conn")
@@ -310,8 +331,16 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
             sel.register(fd, selectors.EVENT_READ, what)
         waiting = [c.opened + HELLO_TIMEOUT for c in conns.values() if not c.authed]
         timeout = max(min(waiting) - time.monotonic(), 0.0) if waiting else None
+        if session.restore_polls:
+            timeout = RESTORE_POLL if timeout is None else min(timeout, RESTORE_POLL)
         events = sel.select(timeout)
         sel.close()
+        if session.restore_polls:
+            session.restore_polls -= 1
+            data = _restored_stdin() if 0 not in conns else b""
+            if data:  # stdin had ended (its host left): this is the stream of whoever restored the sandbox
+                conns[0] = Conn(0, 1)
+                _feed(session, conns[0], data)
         for key, _ in events:
             if key.data == "listen":
                 sock, _ = listener.accept()
@@ -333,11 +362,7 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
                 if not data:
                     conn.dead = True
                     continue
-                conn.buf += data
-                for line in conn.lines():
-                    if conn.dead:
-                        break
-                    _handle(session, conn, line)
+                _feed(session, conn, data)
             elif key.data == "worker":
                 if session.worker is not None and key.fd == session.worker.pidfd:
                     session.worker_died()
@@ -358,6 +383,22 @@ def serve(session: Session, listener: socket.socket, stdin_conn: Conn) -> None:
                 if conn.sock is not None:
                     conn.sock.close()
                 del conns[fd]
+
+
+def _feed(session: Session, conn: Conn, data: bytes) -> None:
+    conn.buf += data
+    for line in conn.lines():
+        if conn.dead:
+            break
+        _handle(session, conn, line)
+
+
+def _restored_stdin() -> bytes:
+    """One read of an ended stdin while a restore is awaited: what a new stream sent, or b""."""
+    try:
+        return os.read(0, READ_CHUNK)  # b"": the end of the stream before the checkpoint
+    except OSError:  # BlockingIOError: nothing yet
+        return b""
 
 
 def relay() -> int:

@@ -17,9 +17,7 @@ between cells it is ignored.
 from __future__ import annotations
 
 import ast
-import asyncio
 import builtins
-import inspect
 import json
 import linecache
 import os
@@ -31,6 +29,10 @@ import types
 from typing import Any
 
 _LEN = struct.Struct(">I")
+# inspect.CO_COROUTINE: a cell with top-level await. asyncio (which loads ssl and libcrypto) and
+# inspect are imported only by such a cell: the worker holds ~3 MiB less, which a paused
+# session's checkpoint saves and its resume loads (measured: 6.0 -> 3.x MiB).
+CO_COROUTINE = 0x80
 
 
 class _State:
@@ -75,7 +77,9 @@ def _print_exception(exc: BaseException) -> None:
 
 def _evaluate(code: types.CodeType, ns: dict[str, Any]) -> Any:
     result = eval(code, ns)
-    if code.co_flags & inspect.CO_COROUTINE:
+    if code.co_flags & CO_COROUTINE:
+        import asyncio
+
         result = asyncio.run(result)
     return result
 

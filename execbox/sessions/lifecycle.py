@@ -94,7 +94,14 @@ class SessionsLifecycle(SessionsNetwork):
         network = grant.network if grant is not None else None
         files = grant.files if grant is not None else {}
         spec = sandbox_spec(
-            rec.limits, rec.image, rec.uid, labels, network=network, command=AGENT, isolation=rec.isolation
+            rec.limits,
+            rec.image,
+            rec.uid,
+            labels,
+            network=network,
+            command=AGENT,
+            isolation=rec.isolation,
+            pausable=True,
         )
         try:
             cid = self.engine.create(spec)

@@ -287,6 +287,7 @@ class Record(BaseModel):
     pause_after: float | None = None  # paused by the reaper after this many seconds unused
     checkpoint_quota: int | None = None  # the tenant's checkpoint disk quota at creation (None: none)
     checkpoint_bytes: int = 0  # its checkpoint's size on disk while paused
+    resume_attach: bool = False  # paused with its agent told: it takes a stream attached before the restore
     auto_pause_refused: float | None = None  # last_used_at when an automatic pause was refused (not retried)
 
     @property

@@ -3,8 +3,10 @@
 Pausing checkpoints the session's sandbox (gVisor's own checkpoint, through the
 engine): memory, the REPL's variables and imports, and the files in /work are saved
 on the engine's disk and the container stops, holding no memory or CPU. Resuming
-starts it again from the checkpoint and reconnects through a relay, as a process that
-adopts a session does. The registry records the pause, so a restarted service resumes
+starts it again from the checkpoint; the agent, told of the pause, takes the stream the
+resuming process attached before the restore as a new connection (no relay to start: see
+``session_agent.py``); an agent that was not told is reached through a relay, as a process
+that adopts a session reaches it. The registry records the pause, so a restarted service resumes
 it too; idle and lifetime limits still end a paused session (its checkpoint goes with
 its container). runc sessions cannot be paused (CRIU does not work on these hosts):
 ``SessionStateError`` naming ``isolation`` (HTTP 409).
@@ -28,10 +30,11 @@ import builtins
 import logging
 import time
 
+from ..engine.base import Channel
 from ..exceptions import EngineError, SandboxError, SessionBusyError, SessionNotFoundError, SessionStateError
 from ..state import StateBusyError
 from .lifecycle import SessionsLifecycle
-from .link import LinkEnded
+from .link import LinkEnded, SessionLink
 from .models import LOCKS, RECORD_KIND, Record, SessionInfo
 
 __all__ = ["SessionsPausing"]
@@ -40,6 +43,7 @@ log = logging.getLogger("execbox.sessions")
 
 CHECKPOINT = "execbox"
 PAUSE_LEASE = 120.0
+AGENT_ANSWER = 5.0  # seconds the agent has to answer the pause, or the hello on the restored stream
 
 
 def _mib(n: int) -> str:
@@ -164,13 +168,11 @@ class SessionsPausing(SessionsLifecycle):
     def _checkpoint(self, rec: Record) -> int:
         """Checkpoint the session and record it paused; its checkpoint's size in bytes."""
         assert rec.container_id is not None
-        with self._lock:
-            link = self._links.pop(rec.id, None)
-        if link is not None:
-            link.close()  # the attach stream ends with the container; a relay reconnects after resume
+        told = self._tell_pause(rec)
         started = time.monotonic()
         self.engine.checkpoint(rec.container_id, CHECKPOINT)
         took = (time.monotonic() - started) * 1000
+        rec.resume_attach = told
         size = self.engine.checkpoint_size(rec.container_id, CHECKPOINT)
         if size is None:  # the engine cannot tell: count the most it can be (all its memory)
             size = rec.limits.memory
@@ -180,19 +182,51 @@ class SessionsPausing(SessionsLifecycle):
         log.info("session %s paused in %.0f ms (checkpoint %s)", rec.id, took, _mib(size))
         return size
 
+    def _tell_pause(self, rec: Record) -> bool:
+        """Tell the agent a checkpoint comes, then drop this process's link to it (it ends with
+        the container). Whether the agent will take a stream attached before the restore."""
+        try:
+            link = self._connect(rec)
+        except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:
+            log.info("session %s: agent not told of the pause (%s): resumed through a relay", rec.id, exc)
+            return False
+        try:
+            link.send_json({"op": "pause"})
+            return bool(link.reply(time.monotonic() + AGENT_ANSWER).get("ok"))
+        except (LinkEnded, TimeoutError, SandboxError) as exc:  # AgentError: an agent without the request
+            log.info("session %s: agent not told of the pause (%s): resumed through a relay", rec.id, exc)
+            return False
+        finally:
+            self._drop_link(rec.id, link)
+
     def _resume_locked(self, rec: Record) -> float:
         """Restore the session from its checkpoint; the milliseconds it took."""
         assert rec.container_id is not None
         started = time.monotonic()
-        self.engine.restore(rec.container_id, CHECKPOINT)
+        # Attached before the restore: the agent takes this stream (told of the pause).
+        channel = self.engine.attach(rec.container_id) if rec.resume_attach else None
+        try:
+            self.engine.restore(rec.container_id, CHECKPOINT)
+        except BaseException:
+            if channel is not None:
+                channel.close()
+            raise
         restored = time.monotonic()
+        hello = self._say_hello(rec, channel) if channel is not None else None  # read while we save
         rec.paused_at = None
         rec.checkpoint_bytes = 0
+        rec.resume_attach = False
         rec.resumes += 1
         rec.resumed_at = time.time()
-        self._save(rec)
         try:
-            self._connect(rec)  # the agent answers again, through a relay (see the module's doc)
+            self._save(rec)
+        except BaseException:
+            if hello is not None:
+                hello.close()
+            raise
+        try:
+            if hello is None or not self._hello_answered(rec, hello):
+                self._connect(rec)  # through a relay (see the module's doc)
         except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:
             if self._check_container(rec) is None:
                 raise  # it runs: the engine failed this time
@@ -209,6 +243,30 @@ class SessionsPausing(SessionsLifecycle):
             (done - restored) * 1000,
         )
         return took
+
+    def _say_hello(self, rec: Record, channel: Channel) -> SessionLink | None:
+        """Authenticate on the stream attached before the restore (None: it is closed already)."""
+        assert rec.container_id is not None
+        link = SessionLink(rec.container_id, channel, "attach")
+        try:
+            link.send_json({"op": "hello", "token": rec.token})
+        except LinkEnded as exc:
+            log.warning("session %s: the restored stream is closed (%s): reconnecting through a relay", rec.id, exc)
+            link.close()
+            return None
+        return link
+
+    def _hello_answered(self, rec: Record, link: SessionLink) -> bool:
+        """The agent's answer on the restored stream: then it is this process's link; False (closed) if none."""
+        try:
+            link.reply(time.monotonic() + AGENT_ANSWER)
+        except (LinkEnded, TimeoutError, SandboxError) as exc:
+            log.warning("session %s: no answer on the restored stream (%s): reconnecting through a relay", rec.id, exc)
+            link.close()
+            return False
+        with self._lock:
+            self._links[rec.id] = link
+        return True
 
     def _save(self, rec: Record) -> None:
         if not self.store.put_record(RECORD_KIND, rec.key, rec.model_dump(mode="json"), rec.record_ttl(), "update"):
