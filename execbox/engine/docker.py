@@ -35,7 +35,9 @@ from .base import (
 __all__ = ["RUNTIMES_FILE", "DockerEngine", "runtime_of"]
 
 log = logging.getLogger("execbox.engine.docker")
-_OOM_EVENT_WAIT = 1.0  # seconds a SIGKILLed sandbox's OOM flag may lag its exit
+# Seconds a SIGKILLed sandbox's OOM flag may lag its exit: dockerd handles containerd's OOM event
+# on its own; under load (the whole suite on 2 cores) it once took more than 1 s.
+_OOM_EVENT_WAIT = 3.0
 
 # The Docker runtimes of each isolation, for a sandbox without network and for one on an
 # (internal) network. scripts/setup.sh registers them in /etc/docker/daemon.json from
