@@ -103,9 +103,11 @@ class Lane:
     def _exchange(
         self, method: str, path: str, read_timeout: float | None, json_body: Any, params: dict[str, Any] | None
     ) -> Answer:
-        target = self.prefix + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        target = urllib.parse.quote(self.prefix + path, safe="/%:@")  # the query is encoded once, below
+        if params:
+            target += "?" + urllib.parse.urlencode(params)
         body = b""
-        head = f"{method} {urllib.parse.quote(target, safe='/?=&%:@')} HTTP/1.1\r\n".encode("latin-1") + self._head
+        head = f"{method} {target} HTTP/1.1\r\n".encode("latin-1") + self._head
         if json_body is not None:
             body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
             head += b"Content-Type: application/json\r\n"

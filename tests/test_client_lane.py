@@ -116,8 +116,8 @@ def test_requests_go_over_one_kept_connection_as_httpx_would_send_them(server: R
 def test_query_parameters_are_sent(server: Recorder) -> None:
     server.answer = (200, {}, json.dumps({"id": "0123456789abcdef", "status": "queued"}).encode())
     with Client(server.url) as c:
-        c._send("GET", "/v1/executions/0123456789abcdef", 5.0, params={"wait": 1.5})
-    assert server.requests[0]["path"] == "/v1/executions/0123456789abcdef?wait=1.5"
+        c._send("GET", "/v1/executions/0123456789abcdef", 5.0, params={"wait": 1.5, "q": "a b+c/d"})
+    assert server.requests[0]["path"] == "/v1/executions/0123456789abcdef?wait=1.5&q=a+b%2Bc%2Fd"
 
 
 def test_a_connection_the_server_closed_is_replaced_and_no_request_is_sent_twice(server: Recorder) -> None:
