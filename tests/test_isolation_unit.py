@@ -50,13 +50,13 @@ def test_a_pausable_gvisor_session_has_its_cpu_limit_enforced_over_a_longer_wind
 
     limits = Limits(cpus=0.5)
     pausable = sandbox_spec(limits, "img", 100_001, {}, isolation="gvisor", pausable=True)
-    assert (pausable.nano_cpus, pausable.cpu_period_us) == (500_000_000, 300_000)
+    assert (pausable.nano_cpus, pausable.cpu_period_us) == (500_000_000, 1_000_000)
     runc_session = sandbox_spec(limits, "img", 100_001, {}, pausable=True)
     gvisor_run = sandbox_spec(limits, "img", 100_001, {}, isolation="gvisor")
     assert runc_session.cpu_period_us == gvisor_run.cpu_period_us == 0
     engine = DockerEngine(docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41"))  # never connects
     host = engine._host_config(pausable)
-    assert (host.get("NanoCpus"), host["CpuPeriod"], host["CpuQuota"]) == (None, 300_000, 150_000)  # the same share
+    assert (host.get("NanoCpus"), host["CpuPeriod"], host["CpuQuota"]) == (None, 1_000_000, 500_000)  # the same share
     assert engine._host_config(gvisor_run)["NanoCpus"] == 500_000_000 and "CpuPeriod" not in engine._host_config(
         gvisor_run
     )
