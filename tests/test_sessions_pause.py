@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from execbox.engine import _checkpoints
 from execbox.engine.base import Engine
 from execbox.engine.docker import DockerEngine
 from execbox.exceptions import SessionStateError
@@ -46,6 +47,11 @@ def test_variables_files_and_the_repl_survive_pause_and_resume(engine: Engine, t
         # Its checkpoint is on the engine's disk, measured and counted for the tenant.
         on_disk = checkpoint_dir(engine, cid)
         assert on_disk.is_dir() and info.checkpoint_bytes > 0
+        # Its image is kept beside the container, linked from the checkpoint (_checkpoints.py).
+        aside = _checkpoints.aside_dir(on_disk)
+        links = list(on_disk.iterdir())
+        assert links and all(f.is_symlink() and f.resolve().parent == aside for f in links), links
+        assert info.checkpoint_bytes >= sum(f.stat().st_size for f in aside.iterdir()) > 1 << 20
         assert sessions.checkpoint_usage("default") == info.checkpoint_bytes
         assert sessions.pause(s.id).paused  # pausing again changes nothing
         # A call resumes it and says so; variables, imports and files are where they were.
@@ -55,6 +61,7 @@ def test_variables_files_and_the_repl_survive_pause_and_resume(engine: Engine, t
         assert not sessions.get(s.id).paused and engine.state(cid).running
         assert sessions.checkpoint_usage("default") == 0
         eventually(lambda: not on_disk.exists(), timeout=30, what="the used checkpoint deleted")  # off the path
+        eventually(lambda: not aside.exists(), timeout=30, what="its image deleted")
         assert not sessions.resume(s.id).paused  # resuming a running session changes nothing
         again = sessions.execute(s.id, "x += 1\nprint(x)")
         assert (again.stdout, again.resumed) == ("42\n", False)
@@ -196,7 +203,7 @@ def test_a_resume_takes_the_stream_attached_before_the_restore(engine: Engine, t
         assert record is not None and record["resume_attach"]  # the agent was told
         assert isinstance(engine, DockerEngine)
         host = engine.api.inspect_container(record["container_id"])["HostConfig"]
-        assert (host["CpuPeriod"], host["CpuQuota"], host["NanoCpus"]) == (300_000, 300_000, 0)  # 1 cpu, 0.3 s window
+        assert (host["CpuPeriod"], host["CpuQuota"], host["NanoCpus"]) == (1_000_000, 1_000_000, 0)  # 1 cpu, 1 s window
         r = first.execute(s.id, "print(x)")
         assert (r.stdout, r.resumed, first._links[s.id].via) == ("1\n", True, "attach"), r.stderr
         with sessions_over(engine, store, start_reaper=False) as second:

@@ -18,7 +18,7 @@ import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
 from ..exceptions import ConfigurationError, EngineError, ImageNotFoundError, VolumeBusyError
-from . import runsc
+from . import _checkpoints, runsc
 from ._docker import DockerChannel, patch_unix_connect, translate
 from .base import (
     Channel,
@@ -264,6 +264,9 @@ class DockerEngine(Engine):
         except requests.exceptions.ReadTimeout:
             log.warning("checkpointed sandbox %s still reported running after 30 s", sandbox_id[:12])
         runsc.delete_stale_task(sandbox_id)  # else the next start does it (see runsc.py)
+        path = self.checkpoint_dir(sandbox_id, name)
+        if path is not None and path.is_dir():
+            _checkpoints.set_aside(path)  # the restore then skips containerd's copy (see _checkpoints.py)
 
     def checkpoint_size(self, sandbox_id: str, name: str) -> int | None:
         # Docker 20.10 keeps checkpoints in the container's own directory (a custom directory is
@@ -272,14 +275,7 @@ class DockerEngine(Engine):
         path = self.checkpoint_dir(sandbox_id, name)
         if path is None or not path.is_dir():
             return None
-        total = 0
-        for file in path.rglob("*"):
-            try:
-                st = file.lstat()
-            except OSError:
-                continue
-            total += max(st.st_blocks * 512, st.st_size if file.is_file() else 0)
-        return total
+        return _checkpoints.size(path)
 
     def checkpoint_dir(self, sandbox_id: str, name: str) -> Path | None:
         """Where checkpoint ``name`` of the sandbox lives (None: the engine's data root is not local)."""
@@ -334,6 +330,10 @@ class DockerEngine(Engine):
                 self.api._raise_for_status(res)
         except EngineError as exc:  # it goes with the container
             log.warning("checkpoint %s of %s kept: %s", name, sandbox_id[:12], exc)
+        else:
+            path = self.checkpoint_dir(sandbox_id, name)
+            if path is not None:
+                _checkpoints.forget(path)
         finally:
             if self._forgetting.get(sandbox_id) is threading.current_thread():
                 self._forgetting.pop(sandbox_id, None)
