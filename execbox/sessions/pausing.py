@@ -185,19 +185,17 @@ class SessionsPausing(SessionsLifecycle):
     def _tell_pause(self, rec: Record) -> bool:
         """Tell the agent a checkpoint comes, then drop this process's link to it (it ends with
         the container). Whether the agent will take a stream attached before the restore."""
+        link: SessionLink | None = None
         try:
             link = self._connect(rec)
-        except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:
-            log.info("session %s: agent not told of the pause (%s): resumed through a relay", rec.id, exc)
-            return False
-        try:
             link.send_json({"op": "pause"})
             return bool(link.reply(time.monotonic() + AGENT_ANSWER).get("ok"))
-        except (LinkEnded, TimeoutError, SandboxError) as exc:  # AgentError: an agent without the request
+        except (EngineError, LinkEnded, TimeoutError, SandboxError) as exc:  # AgentError: an agent without it
             log.info("session %s: agent not told of the pause (%s): resumed through a relay", rec.id, exc)
             return False
         finally:
-            self._drop_link(rec.id, link)
+            if link is not None:
+                self._drop_link(rec.id, link)
 
     def _resume_locked(self, rec: Record) -> float:
         """Restore the session from its checkpoint; the milliseconds it took."""
