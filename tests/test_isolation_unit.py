@@ -128,7 +128,7 @@ def test_bad_isolation_names_the_field(value: object) -> None:
 
 
 def test_restore_retries_only_the_known_containerd_races() -> None:
-    from execbox.engine.docker import _transient_restore_error
+    from execbox.engine._checkpoints import transient_restore_error as _transient_restore_error
 
     assert _transient_restore_error("restore ab: id already in use")
     assert _transient_restore_error(

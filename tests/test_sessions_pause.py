@@ -5,6 +5,7 @@ Automatic pauses, quotas, a pause during a call and the MCP tools: test_sessions
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,4 +243,32 @@ def test_an_agent_not_told_of_the_pause_is_reached_through_a_relay(engine: Engin
             assert other._tell_pause(other._record("default", s.id))
         r = sessions.execute(s.id, "console.log(n + 4)")
         assert (r.stdout, r.resumed, sessions._links[s.id].via) == ("45\n", False, "attach"), r.stderr
+    store.close()
+
+
+def test_a_retried_restore_gives_the_agent_a_stream_of_its_own(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dockerd ends the streams attached to a start that failed, so a restore retried after an
+    engine race attaches again for each try: the agent takes the last one (not a relay)."""
+    assert isinstance(engine, DockerEngine)
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    with sessions_over(engine, store, start_reaper=False) as sessions:
+        s = sessions.create("alice", "python", isolation="gvisor")
+        sessions.execute(s.id, "x = 1")
+        sessions.pause(s.id)
+        post, failed = engine.api._post, []
+
+        def first_start_fails(url: str, **kwargs: Any) -> Any:
+            if url.endswith("/start") and (kwargs.get("params") or {}).get("checkpoint") == CHECKPOINT and not failed:
+                failed.append(url)
+                kwargs["params"] = {"checkpoint": "execbox-missing"}  # a start that really fails in dockerd
+            return post(url, **kwargs)
+
+        known = _checkpoints.transient_restore_error
+        monkeypatch.setattr(engine.api, "_post", first_start_fails)
+        monkeypatch.setattr(_checkpoints, "transient_restore_error", lambda m: known(m) or "execbox-missing" in m)
+        r = sessions.execute(s.id, "print(x)")
+        assert failed and (r.stdout, r.exit_code, r.resumed) == ("1\n", 0, True), r.stderr
+        assert sessions._links[s.id].via == "attach"
     store.close()

@@ -26,7 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["aside_dir", "forget", "set_aside", "size"]
+__all__ = ["aside_dir", "forget", "set_aside", "size", "transient_restore_error"]
 
 log = logging.getLogger("execbox.engine.docker")
 
@@ -78,3 +78,12 @@ def size(checkpoint: Path) -> int:
 def forget(checkpoint: Path) -> None:
     """Remove the files kept aside for the checkpoint (after its restore, or with it)."""
     shutil.rmtree(aside_dir(checkpoint), ignore_errors=True)
+
+
+def transient_restore_error(message: str) -> bool:
+    """Whether a restore failed on an engine race that is gone within moments (see DockerEngine.restore)."""
+    return (
+        "already in use" in message
+        or ("checkpoint" in message and "already exists" in message)
+        or "cannot start a paused container" in message  # its checkpoint's exit not handled yet
+    )

@@ -197,8 +197,9 @@ class Engine(ABC):
         """Save the running sandbox's memory and state as checkpoint ``name`` and stop it."""
         raise EngineError(f"the {self.name} engine cannot checkpoint sandboxes")
 
-    def restore(self, sandbox_id: str, name: str) -> None:
-        """Start the sandbox again from checkpoint ``name`` (then forget the checkpoint)."""
+    def restore(self, sandbox_id: str, name: str, *, attach: bool = False) -> Channel | None:
+        """Start the sandbox again from checkpoint ``name`` (then forget the checkpoint). With
+        ``attach``: a stream attached before the start that succeeded (see ``attach``)."""
         raise EngineError(f"the {self.name} engine cannot restore sandboxes")
 
     def checkpoint_size(self, sandbox_id: str, name: str) -> int | None:

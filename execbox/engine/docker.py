@@ -289,18 +289,20 @@ class DockerEngine(Engine):
                 sandbox_id = str(self.api.inspect_container(sandbox_id)["Id"])
         return self._root / "containers" / sandbox_id / "checkpoints" / name
 
-    def restore(self, sandbox_id: str, name: str) -> None:
+    def restore(self, sandbox_id: str, name: str, *, attach: bool = False) -> Channel | None:
         # runsc 20221219 leaves a restored container that was checkpointed again recorded as
         # "paused": its next restore would fail with "id already in use" (see runsc.py). Clear
         # that record first. Two containerd races remain, both gone within moments: right after
         # a checkpoint it may still hold the stopped task ("id already in use" too), and a
         # retried upload of the same checkpoint blob may meet the previous attempt's copy not yet
         # deleted ("commit failed: content sha256:...: already exists", moby#42900). Retry those
-        # with a growing pause.
+        # with a growing pause. dockerd ends the streams attached to a start that failed: each
+        # try gets its own.
         runsc.clear_stale_state(sandbox_id)
         deadline = time.monotonic() + 20.0
         pause = 0.05
         while True:
+            channel = self.attach(sandbox_id) if attach else None
             try:
                 with translate(f"restore {sandbox_id[:12]}"):
                     res = self.api._post(
@@ -308,8 +310,12 @@ class DockerEngine(Engine):
                     )
                     self.api._raise_for_status(res)
                 break
-            except EngineError as exc:
-                if not _transient_restore_error(str(exc)) or time.monotonic() > deadline:
+            except BaseException as exc:
+                if channel is not None:
+                    channel.close()
+                if not isinstance(exc, EngineError) or not _checkpoints.transient_restore_error(str(exc)):
+                    raise
+                if time.monotonic() > deadline:
                     raise
                 log.info("restore of %s retried: %s", sandbox_id[:12], exc)
                 if not runsc.clear_stale_state(sandbox_id):
@@ -322,6 +328,7 @@ class DockerEngine(Engine):
         )
         self._forgetting[sandbox_id] = forget
         forget.start()
+        return channel
 
     def _forget_checkpoint(self, sandbox_id: str, name: str) -> None:
         try:
@@ -485,11 +492,3 @@ class DockerEngine(Engine):
         for pending in list(self._forgetting.values()):
             pending.join(5)
         self.api.close()
-
-
-def _transient_restore_error(message: str) -> bool:
-    return (
-        "already in use" in message
-        or ("checkpoint" in message and "already exists" in message)
-        or "cannot start a paused container" in message  # its checkpoint's exit not handled yet
-    )

@@ -202,13 +202,7 @@ class SessionsPausing(SessionsLifecycle):
         assert rec.container_id is not None
         started = time.monotonic()
         # Attached before the restore: the agent takes this stream (told of the pause).
-        channel = self.engine.attach(rec.container_id) if rec.resume_attach else None
-        try:
-            self.engine.restore(rec.container_id, CHECKPOINT)
-        except BaseException:
-            if channel is not None:
-                channel.close()
-            raise
+        channel = self.engine.restore(rec.container_id, CHECKPOINT, attach=rec.resume_attach)
         restored = time.monotonic()
         hello = self._say_hello(rec, channel) if channel is not None else None  # read while we save
         rec.paused_at = None
