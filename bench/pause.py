@@ -2,10 +2,12 @@
 the engine's restore and the reconnection to the agent), the checkpoint's size on disk, and
 the host memory the paused session stops holding (its sandbox's usage before the pause).
 
-    .venv/bin/python bench/pause.py [--sessions 5] [--cycles 3] [--languages python,javascript]
+    .venv/bin/python bench/pause.py [--sessions 5] [--cycles 3] [--languages python,javascript] [--gap 0]
 
 Each session is paused and resumed ``--cycles`` times (by its next call); a cycle that fails
 is counted and its session replaced. Real runsc checkpoints through the local Docker Engine.
+``--gap`` seconds pass between a pause and the call that resumes (default 0: at once, when
+the resume also waits for the pause's tidying left in the background).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=5)
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--languages", default="python,javascript")
+    p.add_argument("--gap", type=float, default=0.0, help="seconds between a pause and the resuming call")
     args = p.parse_args()
     n, cycles = min(args.sessions, 20), max(args.cycles, 1)
     splits = Splits()
@@ -84,6 +87,7 @@ def main() -> int:
                         info = sessions.pause(s.id)
                         pause.append((time.perf_counter() - t) * 1000)
                         disk.append(info.checkpoint_bytes / (1 << 20))
+                        time.sleep(min(max(args.gap, 0.0), 60.0))
                         r = sessions.execute(s.id, CHECK[language])
                         assert r.resumed and r.stdout.startswith("42 "), (r.stdout, r.stderr)
                         resume.append(float(r.resume_ms or 0))
@@ -99,7 +103,8 @@ def main() -> int:
                 f"{language:<10} pause p50 {med(pause):5.0f} ms   resume p50 {med(resume):5.0f} ms (restore"
                 f" {med(splits.restore):4.0f} + reconnect {med(splits.reconnect):4.0f}), max {worst:5.0f} ms"
                 f"   checkpoint p50 {med(disk):5.1f} MiB   memory released p50 {med(held):5.0f} MiB"
-                f"   (n={n} sessions x {cycles} cycles, {len(resume)} resumes, {len(failures)} failures)"
+                f"   (n={n} sessions x {cycles} cycles, {len(resume)} resumes, {len(failures)} failures,"
+                f" gap {args.gap:g} s)"
             )
             for failure in failures:
                 print(f"    failure: {failure}")
