@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import docker
 import requests.exceptions
@@ -115,7 +115,7 @@ class DockerCheckpoints:
         self._leave_behind(sandbox_id, self._forget_checkpoint, sandbox_id, name)
         return channel
 
-    def _leave_behind(self, sandbox_id: str, work: Any, *args: str) -> None:
+    def _leave_behind(self, sandbox_id: str, work: Callable[..., None], *args: str) -> None:
         """Run ``work`` in the background; the sandbox's next checkpoint or restore waits for it."""
 
         def run() -> None:
