@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,4 +79,26 @@ def test_pool_recovers_after_docker_restarts(engine: Engine) -> None:
     finally:
         ex.close()
         gc.collect()  # a socket leaked while the engine was down would be reported here
+    assert ours(engine) == []
+
+
+def test_a_paused_session_resumes_after_docker_restarts(engine: Engine, tmp_path: Path) -> None:
+    # Its checkpoint (the image kept beside the container, linked from it) outlives dockerd.
+    from execbox.sessions import Sessions
+    from execbox.state.sqlite import SQLiteStateStore
+
+    store = SQLiteStateStore(tmp_path / "sessions.db")
+    sessions = Sessions(engine, store, start_reaper=False)
+    try:
+        s = sessions.create("alice", "javascript", isolation="gvisor")
+        sessions.execute(s.id, "globalThis.x = 41")
+        assert sessions.pause(s.id).paused
+        _stop_dockerd()
+        _start_dockerd(engine)
+        r = sessions.execute(s.id, "console.log(x + 1)")
+        assert (r.stdout, r.exit_code, r.resumed) == ("42\n", 0, True), r.stderr
+        sessions.delete(s.id)
+    finally:
+        sessions.close()
+        store.close()
     assert ours(engine) == []
