@@ -18,7 +18,7 @@ import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
 from ..exceptions import ConfigurationError, EngineError, ImageNotFoundError, VolumeBusyError
-from . import runsc
+from . import _kmsg, runsc
 from ._docker import DockerChannel, patch_unix_connect, translate
 from ._docker_pause import DockerCheckpoints
 from .base import (
@@ -193,7 +193,15 @@ class DockerEngine(DockerCheckpoints, Engine):
             pass
         state = self.state(sandbox_id)
         # A sandbox killed whole by the OOM killer (gVisor's kernel is one process to the
-        # host's) may be seen stopped before dockerd has handled its OOM event: ask again.
+        # host's) may be seen stopped before dockerd has handled its OOM event, or dockerd may
+        # never get it: the kernel's log says first-hand (_kmsg.py); else ask again.
+        if state.exit_code == 137 and not state.running and not state.oom_killed:
+            full_id = sandbox_id
+            if len(full_id) != 64:
+                with translate("inspect sandbox"):
+                    full_id = str(self.api.inspect_container(sandbox_id)["Id"])
+            if _kmsg.memcg_oom_killed(full_id):
+                return SandboxState(running=False, exit_code=137, oom_killed=True)
         deadline = time.monotonic() + _OOM_EVENT_WAIT
         while state.exit_code == 137 and not state.running and not state.oom_killed and time.monotonic() < deadline:
             time.sleep(0.05)
