@@ -29,7 +29,7 @@ class DockerCheckpoints:
 
     api: docker.APIClient
     _root: Path | None  # the engine's data root, once asked
-    _behind: dict[str, threading.Thread]  # a sandbox's work left after a checkpoint or restore
+    _behind: dict[str, threading.Thread]  # a sandbox's tidying left after a restore
 
     def attach(self, sandbox_id: str) -> Channel:
         raise NotImplementedError  # DockerEngine's
@@ -72,10 +72,14 @@ class DockerCheckpoints:
                 self._root = Path(str(self.api.info().get("DockerRootDir") or "/var/lib/docker"))
         if not (self._root / "containers").is_dir():
             return None
-        if len(sandbox_id) < 64:
-            with translate(f"inspect {sandbox_id[:12]}"):
-                sandbox_id = str(self.api.inspect_container(sandbox_id)["Id"])
-        return self._root / "containers" / sandbox_id / "checkpoints" / name
+        return self._root / "containers" / self._full_id(sandbox_id) / "checkpoints" / name
+
+    def _full_id(self, sandbox_id: str) -> str:
+        """The sandbox's full id (the engine's paths and cgroups name it so)."""
+        if len(sandbox_id) == 64:
+            return sandbox_id
+        with translate(f"inspect {sandbox_id[:12]}"):
+            return str(self.api.inspect_container(sandbox_id)["Id"])
 
     def restore(self, sandbox_id: str, name: str, *, attach: bool = False) -> Channel | None:
         # runsc 20221219 leaves a restored container that was checkpointed again recorded as

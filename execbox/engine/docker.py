@@ -88,7 +88,7 @@ class DockerEngine(DockerCheckpoints, Engine):
         patch_unix_connect()
         self.api = client
         self._root: Path | None = None  # the engine's data root, once asked (checkpoint sizes)
-        self._behind: dict[str, threading.Thread] = {}  # a sandbox's work left after a checkpoint or restore
+        self._behind: dict[str, threading.Thread] = {}  # a sandbox's tidying left after a restore
 
     @classmethod
     def from_env(cls, timeout: float = 60) -> DockerEngine:
@@ -196,11 +196,7 @@ class DockerEngine(DockerCheckpoints, Engine):
         # host's) may be seen stopped before dockerd has handled its OOM event, or dockerd may
         # never get it: the kernel's log says first-hand (_kmsg.py); else ask again.
         if state.exit_code == 137 and not state.running and not state.oom_killed:
-            full_id = sandbox_id
-            if len(full_id) != 64:
-                with translate("inspect sandbox"):
-                    full_id = str(self.api.inspect_container(sandbox_id)["Id"])
-            if _kmsg.memcg_oom_killed(full_id):
+            if _kmsg.memcg_oom_killed(self._full_id(sandbox_id)):
                 return SandboxState(running=False, exit_code=137, oom_killed=True)
         deadline = time.monotonic() + _OOM_EVENT_WAIT
         while state.exit_code == 137 and not state.running and not state.oom_killed and time.monotonic() < deadline:
