@@ -6,8 +6,7 @@ the host memory the paused session stops holding (its sandbox's usage before the
 
 Each session is paused and resumed ``--cycles`` times (by its next call); a cycle that fails
 is counted and its session replaced. Real runsc checkpoints through the local Docker Engine.
-``--gap`` seconds pass between a pause and the call that resumes (default 0: at once, when
-the resume also waits for the pause's tidying left in the background).
+``--gap`` seconds pass between a pause and the call that resumes (default 0: at once).
 """
 
 from __future__ import annotations
